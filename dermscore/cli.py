@@ -1,0 +1,106 @@
+"""Command line (Typer only): options, exit codes, messages. All work happens in library modules."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dermscore import __version__
+from dermscore.errors import DermscoreError
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 3
+
+app = typer.Typer(
+    help="Batch scoring of dermatoscopic images with an InceptionV3 + DenseNet201 ensemble.\n\n"
+    "Results are decision support for research, not a diagnosis.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _fail(exc: DermscoreError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def run(
+    inputs: Annotated[list[Path], typer.Argument(help="Folders and image files to score.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Bundle folder or name in models/.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reports.")] = Path("dermscore-results"),
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
+) -> None:
+    """Score every image under INPUTS and write DIR/images.csv and DIR/errors.csv.
+
+    Example: dermscore run examples/ --out results
+    """
+    from dermscore.run import RunOptions
+    from dermscore.run import run as run_job
+
+    try:
+        summary = run_job(RunOptions(inputs=inputs, out=out, model=model, batch_size=batch_size, progress=progress))
+    except DermscoreError as exc:
+        _fail(exc)
+    typer.echo(
+        f"scored {summary.scored} image(s) with {summary.bundle.name} {summary.bundle.version}; "
+        f"{len(summary.failures)} input(s) failed; reports in {summary.out}"
+    )
+    typer.echo("Results are decision support for research, not a diagnosis.")
+    if summary.failures:
+        typer.echo(f"see {summary.out / 'errors.csv'} for the inputs that could not be scored", err=True)
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+def models(
+    name: Annotated[Optional[str], typer.Argument(help="Bundle folder or name to show and verify.")] = None,
+) -> None:
+    """List installed bundles, or show one and verify its weight hashes.
+
+    Example: dermscore models ham10000-ensemble
+    """
+    from dermscore.bundle import list_bundles, load_bundle, models_dir
+
+    try:
+        if name is None:
+            bundles = list_bundles()
+            if not bundles:
+                typer.echo(f"no bundles in {models_dir()}")
+            for bundle in bundles:
+                typer.echo(f"{bundle.name}\t{bundle.version}\t{bundle.path}")
+            return
+        bundle = load_bundle(name)
+    except DermscoreError as exc:
+        _fail(exc)
+    typer.echo(f"{bundle.name} {bundle.version} ({bundle.path}) — all weight hashes verified")
+    typer.echo(f"classes: {', '.join(bundle.classes)}; malignant: {', '.join(bundle.malignant_classes)}")
+    for m in bundle.members:
+        typer.echo(
+            f"  {m.name}: {m.architecture} {m.input_size[0]}x{m.input_size[1]} {m.preprocessing} "
+            f"weight={m.weight} sha256={m.sha256}"
+        )
+    if bundle.intended_use:
+        typer.echo(f"intended use: {bundle.intended_use}")
+    metrics = bundle.provenance.get("metrics")
+    if metrics:
+        typer.echo("metrics: " + json.dumps(metrics)[:2000])
+
+
+@app.command()
+def version() -> None:
+    """Print the dermscore version.
+
+    Example: dermscore version
+    """
+    typer.echo(__version__)
+
+
+def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ chatter out of reports' logs
+    app()

@@ -1,0 +1,123 @@
+"""Batched inference: the Predictor (members loaded once, fixed-shape batches) and the local engine.
+
+The Predictor follows the Ray Data batch-inference shape — load in ``__init__``, then
+``__call__(batch: dict[str, ndarray]) -> dict[str, ndarray]`` — so the local engine and a Ray actor
+pool use it unchanged. Batches are padded to one fixed size, so the last partial batch reuses the
+compiled function instead of retracing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+
+from dermscore.bundle import Bundle
+from dermscore.decode import decode_source
+from dermscore.errors import BundleError, InputError
+from dermscore.preprocess import prepare
+from dermscore.records import Failure, Frame, ImageRef, Scored, Source
+
+DEFAULT_BATCH_SIZE = 16
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def load_keras() -> object:
+    """Import Keras quietly; deferred so that `dermscore --help` and listing bundles stay instant."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    return keras
+
+
+class Predictor:
+    """Every member of a bundle, loaded once; maps member inputs to member probabilities."""
+
+    def __init__(self, bundle: Bundle, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        keras = load_keras()
+        self.bundle = bundle
+        self.batch_size = batch_size
+        self.models = {
+            m.name: keras.models.load_model(bundle.member_path(m), compile=False) for m in bundle.members
+        }
+        for member in bundle.members:
+            model = self.models[member.name]
+            expected = (None, *member.input_size, 3)
+            if tuple(model.input_shape) != expected and tuple(model.input_shape[1:3]) != (None, None):
+                raise BundleError(
+                    f"{bundle.member_path(member)}: model input is {model.input_shape} but {bundle.name}'s "
+                    f"manifest declares {expected}; the manifest and weights do not belong together."
+                )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch[member]`` is (n, h, w, 3) float32 with n <= batch_size; returns ``member -> (n, classes)``."""
+        out = {}
+        for member in self.bundle.members:
+            x = batch[member.name]
+            n = len(x)
+            if n < self.batch_size:
+                x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), dtype=x.dtype)])
+            probabilities = np.asarray(self.models[member.name].predict_on_batch(x), dtype=np.float64)
+            out[member.name] = probabilities[:n]
+        return out
+
+
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
+    """Ordered map over a thread pool with at most ``window`` items in flight (memory stays flat)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+Prepared = tuple[ImageRef, dict[str, np.ndarray]]
+
+
+def _decode_and_prepare(item: Source | Failure, bundle: Bundle) -> list[Prepared] | Failure:
+    if isinstance(item, Failure):
+        return item
+    try:
+        frames: list[Frame] = decode_source(item)
+        return [(frame.ref, prepare(frame.rgb, bundle.members)) for frame in frames]
+    except InputError as exc:
+        return Failure(item.location, exc.stage, str(exc))
+    except Exception as exc:  # a decoder bug must cost one input, not the night's run
+        return Failure(item.location, "decode", f"unexpected {type(exc).__name__}: {exc}")
+
+
+def score(
+    items: Iterable[Source | Failure],
+    predictor: Predictor,
+    workers: int = 2,
+) -> Iterator[Scored | Failure]:
+    """The local engine: decode and preprocess in threads while the predictor runs full batches."""
+    bundle = predictor.bundle
+    batch: list[Prepared] = []
+
+    def flush() -> Iterator[Scored]:
+        inputs = {m.name: np.stack([p[1][m.name] for p in batch]) for m in bundle.members}
+        outputs = predictor(inputs)
+        for i, (ref, _) in enumerate(batch):
+            yield Scored(ref, {name: probs[i] for name, probs in outputs.items()})
+        batch.clear()
+
+    window = max(2 * predictor.batch_size, 4 * workers)
+    for result in bounded_map(lambda it: _decode_and_prepare(it, bundle), items, workers, window):
+        if isinstance(result, Failure):
+            yield result
+            continue
+        for prepared in result:
+            batch.append(prepared)
+            if len(batch) == predictor.batch_size:
+                yield from flush()
+    if batch:
+        yield from flush()

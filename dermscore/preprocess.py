@@ -1,0 +1,56 @@
+"""Per-member preprocessing: resize an RGB uint8 image and normalise it as the member was trained.
+
+Pure functions on arrays (no I/O), shared by scoring and by ``training/`` so that an image is prepared
+identically in both. The normalisations reproduce ``keras.applications`` ``preprocess_input`` for
+InceptionV3 ("tf" mode) and DenseNet ("torch" mode) without importing Keras, and never modify the
+caller's array (keras' version mutates float input in place).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from dermscore.bundle import Member
+
+_PIL_RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def resize(rgb: np.ndarray, size: tuple[int, int], method: str = "bilinear") -> np.ndarray:
+    """Stretch an (H, W, 3) uint8 image to ``size`` = (height, width), antialiased when shrinking."""
+    height, width = size
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    image = Image.fromarray(rgb)
+    return np.asarray(image.resize((width, height), _PIL_RESAMPLING[method]))
+
+
+def normalize(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Map uint8 RGB (any leading shape) to the float32 range the member expects; returns a new array."""
+    x = pixels.astype(np.float32)
+    if mode == "inception":
+        return x / 127.5 - 1.0
+    if mode == "densenet":
+        return (x / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
+    raise ValueError(f"unknown preprocessing mode {mode!r}; expected 'inception' or 'densenet'")
+
+
+def prepare(rgb: np.ndarray, members: Sequence[Member]) -> dict[str, np.ndarray]:
+    """Inputs for every member from one decoded image; each distinct (size, method) is resized once."""
+    resized: dict[tuple[tuple[int, int], str], np.ndarray] = {}
+    inputs = {}
+    for member in members:
+        key = (member.input_size, member.resize)
+        if key not in resized:
+            resized[key] = resize(rgb, member.input_size, member.resize)
+        inputs[member.name] = normalize(resized[key], member.preprocessing)
+    return inputs

@@ -1,0 +1,61 @@
+"""Plain records passed between stages, so each stage can be tested alone with arrays and dataclasses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Source:
+    """Something discovery found that may hold images; nothing has been read from it yet.
+
+    ``location`` is what reports show (a path, or ``archive.zip!member/path``); ``read`` returns its
+    bytes, so folder files and zip members flow through the same decode stage.
+    """
+
+    location: str
+    read: Callable[[], bytes] = field(compare=False, repr=False)
+    kind: str = "file"  # file | zip-member | dicomdir-ref
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Identity of one scored image: a raster file or one frame of a DICOM object (no pixels).
+
+    Kept apart from the pixels so results can travel to reports and the ledger without holding images.
+    """
+
+    location: str
+    sha256: str  # of the source's bytes, so a report row can be traced to the exact file
+    frame: int | None = None
+    attributes: dict[str, Any] = field(default_factory=dict, compare=False)  # DICOM identity, body site
+    lesion_id: str | None = None
+
+
+@dataclass
+class Frame:
+    """A decoded image ready for preprocessing."""
+
+    ref: ImageRef
+    rgb: np.ndarray  # (H, W, 3) uint8
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that could not be scored, with the stage that failed and a plain-words reason."""
+
+    location: str
+    stage: str
+    reason: str
+
+
+@dataclass
+class Scored:
+    """An image's per-member probabilities (class order of the bundle); the ensemble is aggregate's job."""
+
+    ref: ImageRef
+    member_probabilities: dict[str, np.ndarray]

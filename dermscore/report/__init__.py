@@ -1,0 +1,1 @@
+"""Report writers: they format results and never recompute a score."""
