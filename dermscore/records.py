@@ -34,6 +34,9 @@ class ImageRef:
     frame: int | None = None
     attributes: dict[str, Any] = field(default_factory=dict, compare=False)  # DICOM identity, body site
     lesion_id: str | None = None
+    # A small PNG of the image for the workbook, made at decode only with --thumbnails, so full-size
+    # pixels are never kept past preprocessing.
+    thumbnail: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
