@@ -1,14 +1,65 @@
-"""Aggregation (pure): ensemble the members, derive the decision fields, build report rows."""
+"""Aggregation (pure): ensemble the members, derive the decision fields and flags, roll images up to lesions.
+
+Rules (also in README, 'Reports'):
+
+* An image's probabilities are the manifest-weighted mean of its members' softmax outputs.
+* A lesion's probabilities are the plain (unweighted) mean of its images' ensemble probabilities: each
+  image is one view of the same lesion and none is known to be better than another. Its predicted class,
+  confidence and malignant probability are computed from that mean exactly as for an image.
+* ``malignant`` flag: malignant_probability (sum over the bundle's malignant classes) >= the malignant
+  threshold.
+* ``review`` flag, with the reasons in ``review_reasons``: ``low-confidence`` (top probability below the
+  review threshold); ``members-disagree`` (the ensemble members' top classes differ, or two members'
+  distributions are further apart than the disagreement threshold in Jensen-Shannon divergence, base 2,
+  0 = identical, 1 = disjoint); for lesions also ``images-disagree`` (the same test between its images),
+  ``image-over-threshold`` (one image is over the malignant threshold though the lesion mean is not), and
+  ``members-disagree`` inherited from any of its images.
+
+Lesion rows are computed from image rows (not from arrays), so reports can be regenerated from stored rows.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dermscore.bundle import Bundle
-from dermscore.records import Scored
+from dermscore.errors import UsageError
+from dermscore.lesion_map import LesionMap
+from dermscore.records import ImageRef, Scored
+
+DEFAULT_MALIGNANT_THRESHOLD = 0.30
+DEFAULT_REVIEW_THRESHOLD = 0.50
+DEFAULT_DISAGREEMENT_THRESHOLD = 0.20
+
+IDENTITY_COLUMNS = (
+    "patient_id", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+    "study_date", "modality", "body_site",
+)
+LESION_FROM_DICOM = "dicom"
+LESION_FROM_IMAGE = "image"
+MIXED = "(mixed)"
+FLAG_MALIGNANT = "malignant"
+FLAG_REVIEW = "review"
+SEPARATOR = ";"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The decision thresholds of a run; reported in the workbook's Run sheet."""
+
+    malignant: float = DEFAULT_MALIGNANT_THRESHOLD
+    review: float = DEFAULT_REVIEW_THRESHOLD
+    disagreement: float = DEFAULT_DISAGREEMENT_THRESHOLD
+
+    def __post_init__(self) -> None:
+        for option, value in (("--malignant-threshold", self.malignant), ("--review-threshold", self.review),
+                              ("--disagreement-threshold", self.disagreement)):
+            if not 0.0 <= value <= 1.0:
+                raise UsageError(f"{option} must be a probability between 0 and 1, got {value}.")
 
 
 def ensemble(member_probabilities: Mapping[str, np.ndarray], bundle: Bundle) -> np.ndarray:
@@ -29,13 +80,141 @@ def decision(probabilities: np.ndarray, bundle: Bundle) -> dict[str, Any]:
     }
 
 
-def image_row(scored: Scored, bundle: Bundle) -> dict[str, Any]:
-    """One images.csv row; column order is the report's contract (see README, 'Reports')."""
+def _entropy_bits(p: np.ndarray) -> np.ndarray:
+    """Shannon entropy in bits along the last axis, with 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
+    return -terms.sum(axis=-1)
+
+
+def max_divergence(distributions: np.ndarray) -> float:
+    """Largest Jensen-Shannon divergence (bits, 0..1) between any two rows; 0 for fewer than two.
+
+    One row against all the others at a time, so memory stays O(n) for long DICOM series.
+    """
+    p = np.clip(np.asarray(distributions, dtype=np.float64), 0.0, None)
+    p = p / np.where(p.sum(axis=1, keepdims=True) > 0, p.sum(axis=1, keepdims=True), 1.0)
+    entropy = _entropy_bits(p)
+    worst = 0.0
+    for i in range(len(p) - 1):
+        mixture = (p[i] + p[i + 1:]) / 2.0
+        js = _entropy_bits(mixture) - (entropy[i] + entropy[i + 1:]) / 2.0
+        worst = max(worst, float(js.max()))
+    return min(max(worst, 0.0), 1.0)
+
+
+def disagree(distributions: np.ndarray, thresholds: Thresholds) -> tuple[bool, float]:
+    """Whether the rows' top classes differ or their divergence reaches the threshold, and the divergence."""
+    divergence = max_divergence(distributions)
+    tops = set(np.argmax(np.asarray(distributions), axis=1).tolist())
+    return (len(tops) > 1 or divergence >= thresholds.disagreement), divergence
+
+
+def _flags(malignant: bool, reasons: Iterable[str]) -> dict[str, str]:
+    unique = list(dict.fromkeys(reasons))
+    flags = ([FLAG_MALIGNANT] if malignant else []) + ([FLAG_REVIEW] if unique else [])
+    return {"flags": SEPARATOR.join(flags), "review_reasons": SEPARATOR.join(unique)}
+
+
+def lesion_identity(ref: ImageRef, lesion_maps: Sequence[LesionMap] = ()) -> tuple[str, str]:
+    """(lesion id, where it came from): a lesion map entry first, then the DICOM series, else the image itself."""
+    for lesion_map in lesion_maps:
+        found = lesion_map.lookup(ref.location)
+        if found is not None:
+            return found, lesion_map.kind
+    if ref.lesion_id:
+        return ref.lesion_id, LESION_FROM_DICOM
+    return image_label(ref.location, ref.frame), LESION_FROM_IMAGE
+
+
+def image_label(location: str, frame: int | str | None) -> str:
+    """How one image is named in lesion ids and lists: its location, plus ``#frame`` for DICOM frames."""
+    return location if frame in (None, "") else f"{location}#{frame}"
+
+
+def member_column(member_name: str) -> str:
+    return f"top_class_{member_name}"
+
+
+def image_columns(bundle: Bundle) -> list[str]:
+    """images.csv / Images sheet columns; the order is the report's contract (see README, 'Reports')."""
+    return ["source", "frame", "sha256", "lesion_id", "lesion_source", *IDENTITY_COLUMNS, *bundle.classes,
+            "predicted_class", "confidence", "malignant_probability",
+            *(member_column(m.name) for m in bundle.members), "member_divergence", "flags", "review_reasons",
+            "bundle_name", "bundle_version"]
+
+
+def lesion_columns(bundle: Bundle) -> list[str]:
+    """lesions.csv / Lesions sheet columns; the order is the report's contract (see README, 'Reports')."""
+    return ["lesion_id", "lesion_source", "n_images", "patient_id", "body_site", *bundle.classes,
+            "predicted_class", "confidence", "malignant_probability", "image_divergence", "flags",
+            "review_reasons", "images", "bundle_name", "bundle_version"]
+
+
+def image_row(
+    scored: Scored, bundle: Bundle, thresholds: Thresholds = Thresholds(), lesion_maps: Sequence[LesionMap] = ()
+) -> dict[str, Any]:
+    """One images.csv row: identity, ensemble probabilities, decision, per-member top class and flags."""
     probabilities = ensemble(scored.member_probabilities, bundle)
     ref = scored.ref
-    row: dict[str, Any] = {"source": ref.location, "frame": ref.frame, "sha256": ref.sha256}
+    lesion_id, lesion_source = lesion_identity(ref, lesion_maps)
+    row: dict[str, Any] = {"source": ref.location, "frame": ref.frame, "sha256": ref.sha256,
+                           "lesion_id": lesion_id, "lesion_source": lesion_source}
+    row.update({key: _text(ref.attributes.get(key)) for key in IDENTITY_COLUMNS})
     row.update({code: float(p) for code, p in zip(bundle.classes, probabilities)})
     row.update(decision(probabilities, bundle))
+    members = np.stack([np.asarray(scored.member_probabilities[m.name], dtype=np.float64) for m in bundle.members])
+    for member, member_probabilities in zip(bundle.members, members):
+        row[member_column(member.name)] = bundle.classes[int(np.argmax(member_probabilities))]
+    members_disagree, row["member_divergence"] = disagree(members, thresholds)
+    reasons = (["low-confidence"] if row["confidence"] < thresholds.review else []) + (
+        ["members-disagree"] if members_disagree else [])
+    row.update(_flags(row["malignant_probability"] >= thresholds.malignant, reasons))
     row["bundle_name"] = bundle.name
     row["bundle_version"] = bundle.version
     return row
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _common(rows: Sequence[Mapping[str, Any]], key: str) -> str | None:
+    """The value all images of a lesion share, MIXED when they differ (a hint the lesion map is wrong)."""
+    values = {row.get(key) for row in rows if row.get(key) not in (None, "")}
+    if not values:
+        return None
+    return values.pop() if len(values) == 1 else MIXED
+
+
+def lesion_rows(
+    image_rows: Iterable[Mapping[str, Any]], bundle: Bundle, thresholds: Thresholds = Thresholds()
+) -> list[dict[str, Any]]:
+    """One row per lesion id, in order of first appearance, from the image rows (see module docstring)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in image_rows:
+        groups.setdefault(str(row["lesion_id"]), []).append(row)
+    out = []
+    for lesion_id, rows in groups.items():
+        images = np.array([[float(r[c]) for c in bundle.classes] for r in rows], dtype=np.float64)
+        probabilities = images.mean(axis=0)
+        lesion: dict[str, Any] = {"lesion_id": lesion_id, "lesion_source": rows[0]["lesion_source"],
+                                  "n_images": len(rows), "patient_id": _common(rows, "patient_id"),
+                                  "body_site": _common(rows, "body_site")}
+        lesion.update({code: float(p) for code, p in zip(bundle.classes, probabilities)})
+        lesion.update(decision(probabilities, bundle))
+        images_disagree, lesion["image_divergence"] = disagree(images, thresholds)
+        malignant = lesion["malignant_probability"] >= thresholds.malignant
+        reasons = ["low-confidence"] if lesion["confidence"] < thresholds.review else []
+        if images_disagree:
+            reasons.append("images-disagree")
+        if not malignant and any(float(r["malignant_probability"]) >= thresholds.malignant for r in rows):
+            reasons.append("image-over-threshold")
+        if any("members-disagree" in str(r.get("review_reasons") or "").split(SEPARATOR) for r in rows):
+            reasons.append("members-disagree")
+        lesion.update(_flags(malignant, reasons))
+        lesion["images"] = " | ".join(image_label(str(r["source"]), r.get("frame")) for r in rows)
+        lesion["bundle_name"] = bundle.name
+        lesion["bundle_version"] = bundle.version
+        out.append(lesion)
+    return out

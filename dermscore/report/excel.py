@@ -1,0 +1,245 @@
+"""``report.xlsx`` for review in Excel or LibreOffice: Summary, Lesions, Images, Errors and Run sheets.
+
+Written in openpyxl's streaming (write-only) mode so a large run does not hold a cell object per value.
+Every text cell is formula-neutralised and stored as a string cell (see ``safety``); probabilities are
+numbers shown as percentages, so sorting and filtering work on the values.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from openpyxl import Workbook
+from openpyxl.cell import WriteOnlyCell
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+from openpyxl.drawing.image import Image as XLImage
+from openpyxl.formatting.rule import FormulaRule
+from openpyxl.styles import Alignment, Font, PatternFill
+from openpyxl.utils import get_column_letter
+from openpyxl.worksheet._write_only import WriteOnlyWorksheet
+
+from dermscore.aggregate import FLAG_MALIGNANT, FLAG_REVIEW, SEPARATOR, Thresholds
+from dermscore.bundle import Bundle
+from dermscore.report.files import atomic_path
+from dermscore.report.run_info import DISCLAIMER, RunInfo
+from dermscore.report.safety import neutralise
+from dermscore.report.thumbnail import THUMBNAIL_PIXELS
+
+PERCENT = "0.0%"
+DIVERGENCE = "0.000"
+DURATION = "[h]:mm:ss"
+MAX_WIDTH = 50
+WIDTH_SAMPLE = 2000  # rows looked at to size columns; enough to be representative, cheap on big runs
+THUMBNAIL_COLUMN = "thumbnail"
+THUMBNAIL_ROW_HEIGHT = THUMBNAIL_PIXELS * 0.75 + 4  # points; 1 px = 0.75 pt at 96 dpi
+HEADER_FONT = Font(bold=True)
+HEADER_FILL = PatternFill("solid", start_color="DDE3EA", end_color="DDE3EA")
+MALIGNANT_FILL = PatternFill("solid", start_color="F4B6B6", end_color="F4B6B6")
+REVIEW_FILL = PatternFill("solid", start_color="FFE699", end_color="FFE699")
+TITLE_FONT = Font(bold=True, size=14)
+WRAP = Alignment(wrap_text=True, vertical="top")
+CLASS_NAMES = {
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    """One data sheet: columns in report order and how to show them."""
+
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[Mapping[str, Any]]
+    percent: frozenset[str] = frozenset()
+    decimals: frozenset[str] = frozenset()
+
+
+def _text(value: str) -> str:
+    """Formula-neutralised text without the control characters XML 1.0 cannot hold (openpyxl refuses them)."""
+    return ILLEGAL_CHARACTERS_RE.sub("\ufffd", neutralise(value))
+
+
+def _cell(ws: WriteOnlyWorksheet, value: Any, number_format: str | None = None) -> WriteOnlyCell | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        cell = WriteOnlyCell(ws, _text(value))
+        cell.data_type = "s"  # a string cell is never evaluated, whatever it starts with
+        return cell
+    cell = WriteOnlyCell(ws, value)
+    if number_format and isinstance(value, int | float):
+        cell.number_format = number_format
+    return cell
+
+
+def _header(ws: WriteOnlyWorksheet, labels: Sequence[str]) -> list[WriteOnlyCell]:
+    cells = []
+    for label in labels:
+        cell = WriteOnlyCell(ws, label)
+        cell.font = HEADER_FONT
+        cell.fill = HEADER_FILL
+        cells.append(cell)
+    return cells
+
+
+def _width(column: str, table: Table) -> float:
+    if column in table.percent or column in table.decimals:
+        return max(len(column) + 2, 9)
+    longest = max((len(str(r.get(column) or "")) for r in table.rows[:WIDTH_SAMPLE]), default=0)
+    return min(max(len(column), longest) + 2, MAX_WIDTH)
+
+
+def _highlight(ws: WriteOnlyWorksheet, columns: Sequence[str], n_rows: int, thresholds: Thresholds) -> None:
+    """Whole rows: red over the malignant threshold, amber for low confidence or a review flag."""
+    if n_rows == 0:
+        return
+    letter = {c: get_column_letter(i + 1) for i, c in enumerate(columns)}
+    area = f"A2:{get_column_letter(len(columns))}{n_rows + 1}"
+    malignant, confidence, flags = letter["malignant_probability"], letter["confidence"], letter["flags"]
+    ws.conditional_formatting.add(area, FormulaRule(formula=[f"${malignant}2>={thresholds.malignant!r}"],
+                                                    fill=MALIGNANT_FILL))
+    review = f'OR(${confidence}2<{thresholds.review!r},ISNUMBER(SEARCH("{FLAG_REVIEW}",${flags}2)))'
+    ws.conditional_formatting.add(area, FormulaRule(formula=[review], fill=REVIEW_FILL))
+
+
+def _table_sheet(
+    wb: Workbook, table: Table, thresholds: Thresholds | None = None, thumbnails: Sequence[bytes | None] = ()
+) -> None:
+    """A sheet with a frozen, filterable header; ``thumbnails`` (one per row) adds a first picture column."""
+    ws = wb.create_sheet(table.title)
+    columns = ([THUMBNAIL_COLUMN] if thumbnails else []) + list(table.columns)
+    for i, column in enumerate(columns, start=1):
+        width = THUMBNAIL_PIXELS / 7 + 2 if column == THUMBNAIL_COLUMN else _width(column, table)
+        ws.column_dimensions[get_column_letter(i)].width = width
+    ws.freeze_panes = "A2"
+    ws.auto_filter.ref = f"A1:{get_column_letter(len(columns))}{len(table.rows) + 1}"
+    if thresholds is not None:
+        _highlight(ws, columns, len(table.rows), thresholds)
+    ws.append(_header(ws, columns))
+    for index, row in enumerate(table.rows):
+        cells = [None] if thumbnails else []
+        for column in table.columns:
+            fmt = PERCENT if column in table.percent else DIVERGENCE if column in table.decimals else None
+            cells.append(_cell(ws, row.get(column), fmt))
+        if thumbnails and thumbnails[index]:
+            ws.row_dimensions[index + 2].height = THUMBNAIL_ROW_HEIGHT  # before append: rows stream out
+            picture = XLImage(io.BytesIO(thumbnails[index]))
+            picture.anchor = f"A{index + 2}"
+            ws.add_image(picture)
+        ws.append(cells)
+
+
+def _count(rows: Sequence[Mapping[str, Any]], key: str, value: str) -> int:
+    return sum(1 for r in rows if r.get(key) == value)
+
+
+def _flagged(rows: Sequence[Mapping[str, Any]], flag: str) -> int:
+    return sum(1 for r in rows if flag in str(r.get("flags") or "").split(SEPARATOR))
+
+
+def _summary_sheet(wb: Workbook, bundle: Bundle, images: Table, lesions: Table, errors: Table, info: RunInfo) -> None:
+    ws = wb.create_sheet("Summary")
+    for letter, width in zip("ABCD", (34, 14, 14, 48)):
+        ws.column_dimensions[letter].width = width
+    title = WriteOnlyCell(ws, "dermscore report")
+    title.font = TITLE_FONT
+    ws.append([title])
+    ws.append([_cell(ws, DISCLAIMER)])
+    ws.append([])
+    facts: list[tuple[str, Any, str | None]] = [
+        ("Images scored", len(images.rows), None),
+        ("Lesions", len(lesions.rows), None),
+        ("Lesions flagged (malignant or review)", sum(1 for r in lesions.rows if r.get("flags")), None),
+        ("Lesions flagged malignant", _flagged(lesions.rows, FLAG_MALIGNANT), None),
+        ("Lesions flagged for review", _flagged(lesions.rows, FLAG_REVIEW), None),
+        ("Images flagged (malignant or review)", sum(1 for r in images.rows if r.get("flags")), None),
+        ("Inputs that failed (see Errors)", len(errors.rows), None),
+        ("Run time", info.seconds / 86400.0, DURATION),
+        ("Started (UTC)", _iso(info.started), None),
+        ("Bundle", f"{bundle.name} {bundle.version}", None),
+        ("Malignant threshold", info.thresholds.malignant, PERCENT),
+        ("Review below confidence", info.thresholds.review, PERCENT),
+    ]
+    for label, value, fmt in facts:
+        ws.append([_cell(ws, label), _cell(ws, value, fmt)])
+    ws.append([])
+    ws.append(_header(ws, ["Predicted class", "Lesions", "Images", "Class"]))
+    for code in bundle.classes:
+        ws.append([_cell(ws, code), _count(lesions.rows, "predicted_class", code),
+                   _count(images.rows, "predicted_class", code), _cell(ws, CLASS_NAMES.get(code, ""))])
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _run_sheet(wb: Workbook, bundle: Bundle, info: RunInfo) -> None:
+    ws = wb.create_sheet("Run")
+    ws.column_dimensions["A"].width = 36
+    ws.column_dimensions["B"].width = 90
+    ws.freeze_panes = "A2"
+    items: list[tuple[str, Any]] = [
+        ("Statement", DISCLAIMER),
+        ("dermscore version", info.tool_version),
+        ("Bundle name", bundle.name),
+        ("Bundle version", bundle.version),
+        ("Bundle identity", bundle.identity),
+        ("Bundle path", str(bundle.path)),
+        *((f"Weights sha256 ({m.name}, {m.architecture})", m.sha256) for m in bundle.members),
+        ("Malignant classes", ", ".join(bundle.malignant_classes)),
+        ("Intended use", bundle.intended_use),
+        ("TensorFlow version", info.tensorflow_version),
+        ("Keras version", info.keras_version),
+        ("Device", info.device),
+        ("Command line", info.command_line),
+        *((f"Input root {i}", root) for i, root in enumerate(info.inputs, start=1)),
+        *(("Lesion identity from", source) for source in info.lesion_maps),
+        ("Started (UTC)", _iso(info.started)),
+        ("Finished (UTC)", _iso(info.finished)),
+        ("Run time (seconds)", round(info.seconds, 3)),
+        ("Malignant threshold (malignant flag)", info.thresholds.malignant),
+        ("Review threshold (top probability below)", info.thresholds.review),
+        ("Disagreement threshold (Jensen-Shannon, bits)", info.thresholds.disagreement),
+        ("Patient identifiers pseudonymised", "yes (HMAC-SHA256)" if info.pseudonymized else "no"),
+    ]
+    ws.append(_header(ws, ["Item", "Value"]))
+    for label, value in items:
+        cell = _cell(ws, value)
+        if cell is not None and isinstance(value, str):
+            cell.alignment = WRAP
+        ws.append([_cell(ws, label), cell])
+
+
+def write_workbook(
+    path: Path,
+    bundle: Bundle,
+    tables: tuple[Table, Table, Table],
+    info: RunInfo,
+    thumbnails: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write ``tables`` = (lesions, images, errors) and the Summary and Run sheets, atomically.
+
+    ``thumbnails`` maps lesion id -> PNG bytes; given, the Lesions sheet gets a picture column.
+    """
+    lesions, images, errors = tables
+    wb = Workbook(write_only=True)
+    _summary_sheet(wb, bundle, images, lesions, errors, info)
+    pictures = [thumbnails.get(str(r["lesion_id"])) for r in lesions.rows] if thumbnails else []
+    _table_sheet(wb, lesions, info.thresholds, pictures)
+    _table_sheet(wb, images, info.thresholds)
+    _table_sheet(wb, errors)
+    _run_sheet(wb, bundle, info)
+    with atomic_path(Path(path)) as tmp:
+        wb.save(tmp)
+    return Path(path)

@@ -1,0 +1,75 @@
+"""Write every report of a run in one call: images.csv, lesions.csv, errors.csv and report.xlsx.
+
+Lesion rows are derived here from the image rows, so whoever holds stored image rows and failures (the
+run, or the ledger regenerating an old run) gets identical reports from this one function. An output
+folder that already holds reports is never overwritten silently: without ``overwrite`` the reports go to
+a new ``<out>/<YYYYmmdd-HHMMSS>/`` subfolder named after the run's start time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dermscore.aggregate import image_columns, lesion_columns, lesion_rows
+from dermscore.bundle import Bundle
+from dermscore.records import Failure
+from dermscore.report.csv import write_csv
+from dermscore.report.excel import Table, write_workbook
+from dermscore.report.run_info import RunInfo
+
+IMAGES_CSV = "images.csv"
+LESIONS_CSV = "lesions.csv"
+ERRORS_CSV = "errors.csv"
+WORKBOOK = "report.xlsx"
+REPORT_FILES = (IMAGES_CSV, LESIONS_CSV, ERRORS_CSV, WORKBOOK)
+ERROR_COLUMNS = ("source", "stage", "reason")
+
+
+def error_row(failure: Failure) -> dict[str, str]:
+    return {"source": failure.location, "stage": failure.stage, "reason": failure.reason}
+
+
+def report_folder(out: Path, run_info: RunInfo, overwrite: bool = False) -> Path:
+    """``out`` itself, unless it already holds reports and ``overwrite`` is off: then a new timestamped subfolder."""
+    out = Path(out)
+    if overwrite or not any((out / name).exists() for name in REPORT_FILES):
+        return out
+    stamp = run_info.started.strftime("%Y%m%d-%H%M%S")
+    folder, n = out / stamp, 1
+    while folder.exists():
+        n += 1
+        folder = out / f"{stamp}-{n}"
+    return folder
+
+
+def write_reports(
+    out: Path,
+    bundle: Bundle,
+    image_rows: Sequence[Mapping[str, Any]],
+    failures: Sequence[Failure],
+    run_info: RunInfo,
+    overwrite: bool = False,
+    thumbnails: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write all reports (see ``report_folder`` for where) and return the folder they are in.
+
+    ``thumbnails`` maps lesion id -> PNG bytes for the workbook's Lesions sheet.
+    """
+    folder = report_folder(out, run_info, overwrite)
+    folder.mkdir(parents=True, exist_ok=True)
+    lesions = lesion_rows(image_rows, bundle, run_info.thresholds)
+    errors = [error_row(f) for f in failures]
+    image_cols, lesion_cols = image_columns(bundle), lesion_columns(bundle)
+    write_csv(folder / IMAGES_CSV, image_cols, image_rows)
+    write_csv(folder / LESIONS_CSV, lesion_cols, lesions)
+    write_csv(folder / ERRORS_CSV, ERROR_COLUMNS, errors)
+    percent = frozenset({*bundle.classes, "confidence", "malignant_probability"})
+    tables = (
+        Table("Lesions", lesion_cols, lesions, percent, frozenset({"image_divergence"})),
+        Table("Images", image_cols, image_rows, percent, frozenset({"member_divergence"})),
+        Table("Errors", ERROR_COLUMNS, errors),
+    )
+    write_workbook(folder / WORKBOOK, bundle, tables, run_info, thumbnails)
+    return folder
