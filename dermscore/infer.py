@@ -12,6 +12,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import TypeVar
 
 import numpy as np
@@ -21,6 +22,7 @@ from dermscore.decode import decode_source
 from dermscore.errors import BundleError, InputError
 from dermscore.preprocess import prepare
 from dermscore.records import Failure, Frame, ImageRef, Scored, Source
+from dermscore.report.thumbnail import make_thumbnail
 
 DEFAULT_BATCH_SIZE = 16
 T = TypeVar("T")
@@ -82,12 +84,13 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
 Prepared = tuple[ImageRef, dict[str, np.ndarray]]
 
 
-def _decode_and_prepare(item: Source | Failure, bundle: Bundle) -> list[Prepared] | Failure:
+def _decode_and_prepare(item: Source | Failure, bundle: Bundle, thumbnails: bool = False) -> list[Prepared] | Failure:
     if isinstance(item, Failure):
         return item
     try:
         frames: list[Frame] = decode_source(item)
-        return [(frame.ref, prepare(frame.rgb, bundle.members)) for frame in frames]
+        refs = [replace(f.ref, thumbnail=make_thumbnail(f.rgb)) if thumbnails else f.ref for f in frames]
+        return [(ref, prepare(frame.rgb, bundle.members)) for ref, frame in zip(refs, frames)]
     except InputError as exc:
         return Failure(item.location, exc.stage, str(exc))
     except Exception as exc:  # a decoder bug must cost one input, not the night's run
@@ -98,8 +101,12 @@ def score(
     items: Iterable[Source | Failure],
     predictor: Predictor,
     workers: int = 2,
+    thumbnails: bool = False,
 ) -> Iterator[Scored | Failure]:
-    """The local engine: decode and preprocess in threads while the predictor runs full batches."""
+    """The local engine: decode and preprocess in threads while the predictor runs full batches.
+
+    ``thumbnails`` keeps a small PNG on each ImageRef (for the workbook) instead of the full pixels.
+    """
     bundle = predictor.bundle
     batch: list[Prepared] = []
 
@@ -111,7 +118,7 @@ def score(
         batch.clear()
 
     window = max(2 * predictor.batch_size, 4 * workers)
-    for result in bounded_map(lambda it: _decode_and_prepare(it, bundle), items, workers, window):
+    for result in bounded_map(lambda it: _decode_and_prepare(it, bundle, thumbnails), items, workers, window):
         if isinstance(result, Failure):
             yield result
             continue
