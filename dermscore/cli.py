@@ -35,18 +35,37 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reports.")] = Path("dermscore-results"),
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
+    lesion_map: Annotated[Optional[Path], typer.Option(help="CSV with columns image,lesion_id: images of one lesion.")] = None,
+    metadata: Annotated[Optional[Path], typer.Option(help="HAM10000-style CSV with image_id (file stem) and lesion_id.")] = None,
+    malignant_threshold: Annotated[Optional[float], typer.Option(help="Flag 'malignant' at this malignant probability (default 0.30).")] = None,
+    review_threshold: Annotated[Optional[float], typer.Option(help="Flag 'review' when the top probability is below this (default 0.50).")] = None,
+    disagreement_threshold: Annotated[Optional[float], typer.Option(help="Flag 'review' when members/images diverge this much, Jensen-Shannon in bits (default 0.20).")] = None,
+    thumbnails: Annotated[bool, typer.Option(help="Embed a small picture of each lesion in report.xlsx.")] = False,
+    pseudonymize: Annotated[bool, typer.Option(help="Replace patient identifiers with a keyed hash (needs a key).")] = False,
+    pseudonym_key_file: Annotated[Optional[Path], typer.Option(help="File with the secret key for --pseudonymize (else $DERMSCORE_PSEUDONYM_KEY).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace reports already in --out (default: write a timestamped subfolder).")] = False,
 ) -> None:
-    """Score every image under INPUTS and write DIR/images.csv and DIR/errors.csv.
+    """Score every image under INPUTS and write images.csv, lesions.csv, errors.csv and report.xlsx.
 
-    Example: dermscore run examples/ --out results
+    Example: dermscore run examples/ --out results --metadata HAM10000_metadata.csv --thumbnails
     """
+    from dermscore.aggregate import Thresholds
     from dermscore.run import RunOptions
     from dermscore.run import run as run_job
 
+    given = {"malignant": malignant_threshold, "review": review_threshold, "disagreement": disagreement_threshold}
     try:
-        summary = run_job(RunOptions(inputs=inputs, out=out, model=model, batch_size=batch_size, progress=progress))
+        options = RunOptions(
+            inputs=inputs, out=out, model=model, batch_size=batch_size, progress=progress,
+            thresholds=Thresholds(**{k: v for k, v in given.items() if v is not None}),
+            lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, pseudonymize=pseudonymize,
+            pseudonym_key_file=pseudonym_key_file, overwrite=overwrite,
+        )
+        summary = run_job(options)
     except DermscoreError as exc:
         _fail(exc)
+    if summary.out != out:
+        typer.echo(f"{out} already holds reports; wrote this run's reports to {summary.out} (--overwrite replaces them)")
     typer.echo(
         f"scored {summary.scored} image(s) with {summary.bundle.name} {summary.bundle.version}; "
         f"{len(summary.failures)} input(s) failed; reports in {summary.out}"

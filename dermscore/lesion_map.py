@@ -71,3 +71,8 @@ def read_lesion_map(path: Path, kind: str = LESION_MAP) -> LesionMap:
         except (UnicodeDecodeError, csv.Error) as exc:
             raise UsageError(f"{option} {path}: not a UTF-8 CSV file ({exc}).") from exc
     return LesionMap(kind=kind, path=Path(path), lesions=lesions)
+
+
+def read_lesion_maps(lesion_map: Path | None = None, metadata: Path | None = None) -> list[LesionMap]:
+    """The maps a run was given, in lookup order: an explicit ``--lesion-map`` wins over ``--metadata``."""
+    return [read_lesion_map(path, kind) for path, kind in ((lesion_map, LESION_MAP), (metadata, METADATA)) if path]

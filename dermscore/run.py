@@ -5,30 +5,24 @@ A library function (no CLI framework here) so scheduled jobs, tests and other en
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dermscore.aggregate import image_row
+from dermscore.aggregate import Thresholds, image_row
 from dermscore.bundle import Bundle, load_bundle
 from dermscore.discover import discover
 from dermscore.errors import UsageError
 from dermscore.infer import DEFAULT_BATCH_SIZE, Predictor, score
+from dermscore.lesion_map import read_lesion_maps
 from dermscore.records import Failure
-from dermscore.report.csv import write_csv
-
-ERROR_COLUMNS = ("source", "stage", "reason")
-
-
-def image_columns(bundle: Bundle) -> list[str]:
-    return ["source", "frame", "sha256", *bundle.classes, "predicted_class", "confidence",
-            "malignant_probability", "bundle_name", "bundle_version"]
-
-
-def error_row(failure: Failure) -> dict[str, str]:
-    return {"source": failure.location, "stage": failure.stage, "reason": failure.reason}
+from dermscore.report.pseudonymize import load_key, pseudonymize_row
+from dermscore.report.run_info import RunInfo, environment
+from dermscore.report.write import write_reports
 
 
 @dataclass
@@ -38,6 +32,13 @@ class RunOptions:
     model: str | Path | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     progress: bool | None = None  # None: only when stderr is a terminal
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    lesion_map: Path | None = None  # CSV image,lesion_id
+    metadata: Path | None = None  # HAM10000-style CSV image_id,lesion_id
+    thumbnails: bool = False
+    pseudonymize: bool = False
+    pseudonym_key_file: Path | None = None  # else $DERMSCORE_PSEUDONYM_KEY
+    overwrite: bool = False  # replace reports already in `out` instead of writing a timestamped subfolder
 
 
 @dataclass
@@ -49,25 +50,35 @@ class RunSummary:
 
 
 def run(options: RunOptions) -> RunSummary:
+    started = datetime.now(timezone.utc)
     if not options.inputs:
         raise UsageError("Give at least one input folder or file, e.g. `dermscore run examples/`.")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}.")
+    key = load_key(options.pseudonym_key_file) if options.pseudonymize else None
+    lesion_maps = read_lesion_maps(options.lesion_map, options.metadata)
     bundle = load_bundle(options.model)
     options.out.mkdir(parents=True, exist_ok=True)
     sources = list(discover(options.inputs))
     predictor = Predictor(bundle, options.batch_size)
     summary = RunSummary(bundle=bundle, out=options.out)
     rows = []
+    thumbnails: dict[str, bytes] = {}  # first image of each lesion
     show = sys.stderr.isatty() if options.progress is None else options.progress
     with tqdm(total=len(sources), unit="image", disable=not show, desc="scoring") as bar:
-        for result in score(sources, predictor):
+        for result in score(sources, predictor, thumbnails=options.thumbnails):
             if isinstance(result, Failure):
                 summary.failures.append(result)
             else:
-                rows.append(image_row(result, bundle))
+                row = image_row(result, bundle, options.thresholds, lesion_maps)
+                rows.append(pseudonymize_row(row, key) if key else row)
+                if result.ref.thumbnail:
+                    thumbnails.setdefault(rows[-1]["lesion_id"], result.ref.thumbnail)
             bar.update(1)
     summary.scored = len(rows)
-    write_csv(options.out / "images.csv", image_columns(bundle), rows)
-    write_csv(options.out / "errors.csv", ERROR_COLUMNS, (error_row(f) for f in summary.failures))
+    info = RunInfo(started=started, finished=datetime.now(timezone.utc), command_line=shlex.join(sys.argv),
+                   inputs=[str(p) for p in options.inputs], thresholds=options.thresholds,
+                   lesion_maps=[f"{m.kind}: {m.path}" for m in lesion_maps], pseudonymized=key is not None,
+                   **environment())
+    summary.out = write_reports(options.out, bundle, rows, summary.failures, info, options.overwrite, thumbnails)
     return summary
