@@ -20,6 +20,17 @@ class Source:
     location: str
     read: Callable[[], bytes] = field(compare=False, repr=False)
     kind: str = "file"  # file | zip-member | dicomdir-ref
+    # DICOM attribute that names the lesion (--lesion-attribute); carried with the source so any
+    # engine's decode step sees it without extra arguments.
+    lesion_attribute: str = "SeriesInstanceUID"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An object deliberately not scored (DICOM SR, presentation state, DICOMDIR): counted, not a failure."""
+
+    location: str
+    reason: str
 
 
 @dataclass(frozen=True)
