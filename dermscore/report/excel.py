@@ -34,6 +34,9 @@ PERCENT = "0.0%"
 DIVERGENCE = "0.000"
 DURATION = "[h]:mm:ss"
 MAX_WIDTH = 50
+HASH_WIDTH = 18  # a hash prefix is enough to tell files apart on screen; the cell holds all of it
+LINE_HEIGHT = 15  # points per line of wrapped text
+RUN_VALUE_WIDTH = 90
 WIDTH_SAMPLE = 2000  # rows looked at to size columns; enough to be representative, cheap on big runs
 THUMBNAIL_COLUMN = "thumbnail"
 THUMBNAIL_ROW_HEIGHT = THUMBNAIL_PIXELS * 0.75 + 4  # points; 1 px = 0.75 pt at 96 dpi
@@ -70,6 +73,16 @@ def _text(value: str) -> str:
     return ILLEGAL_CHARACTERS_RE.sub("\ufffd", neutralise(value))
 
 
+def _sheet(wb: Workbook, title: str) -> WriteOnlyWorksheet:
+    """A new sheet that prints landscape, one page wide, so a PDF or paper copy stays readable."""
+    ws = wb.create_sheet(title)
+    ws.page_setup.orientation = "landscape"
+    ws.page_setup.fitToWidth = 1
+    ws.page_setup.fitToHeight = 0
+    ws.sheet_properties.pageSetUpPr.fitToPage = True
+    return ws
+
+
 def _cell(ws: WriteOnlyWorksheet, value: Any, number_format: str | None = None) -> WriteOnlyCell | None:
     if value is None or value == "":
         return None
@@ -96,6 +109,8 @@ def _header(ws: WriteOnlyWorksheet, labels: Sequence[str]) -> list[WriteOnlyCell
 def _width(column: str, table: Table) -> float:
     if column in table.percent or column in table.decimals:
         return max(len(column) + 2, 9)
+    if column == "sha256":
+        return HASH_WIDTH
     longest = max((len(str(r.get(column) or "")) for r in table.rows[:WIDTH_SAMPLE]), default=0)
     return min(max(len(column), longest) + 2, MAX_WIDTH)
 
@@ -117,7 +132,7 @@ def _table_sheet(
     wb: Workbook, table: Table, thresholds: Thresholds | None = None, thumbnails: Sequence[bytes | None] = ()
 ) -> None:
     """A sheet with a frozen, filterable header; ``thumbnails`` (one per row) adds a first picture column."""
-    ws = wb.create_sheet(table.title)
+    ws = _sheet(wb, table.title)
     columns = ([THUMBNAIL_COLUMN] if thumbnails else []) + list(table.columns)
     for i, column in enumerate(columns, start=1):
         width = THUMBNAIL_PIXELS / 7 + 2 if column == THUMBNAIL_COLUMN else _width(column, table)
@@ -149,7 +164,7 @@ def _flagged(rows: Sequence[Mapping[str, Any]], flag: str) -> int:
 
 
 def _summary_sheet(wb: Workbook, bundle: Bundle, images: Table, lesions: Table, errors: Table, info: RunInfo) -> None:
-    ws = wb.create_sheet("Summary")
+    ws = _sheet(wb, "Summary")
     for letter, width in zip("ABCD", (34, 14, 14, 48)):
         ws.column_dimensions[letter].width = width
     title = WriteOnlyCell(ws, "dermscore report")
@@ -185,39 +200,40 @@ def _iso(moment: datetime) -> str:
 
 
 def _run_sheet(wb: Workbook, bundle: Bundle, info: RunInfo) -> None:
-    ws = wb.create_sheet("Run")
+    ws = _sheet(wb, "Run")
     ws.column_dimensions["A"].width = 36
-    ws.column_dimensions["B"].width = 90
+    ws.column_dimensions["B"].width = RUN_VALUE_WIDTH
     ws.freeze_panes = "A2"
-    items: list[tuple[str, Any]] = [
-        ("Statement", DISCLAIMER),
-        ("dermscore version", info.tool_version),
-        ("Bundle name", bundle.name),
-        ("Bundle version", bundle.version),
-        ("Bundle identity", bundle.identity),
-        ("Bundle path", str(bundle.path)),
-        *((f"Weights sha256 ({m.name}, {m.architecture})", m.sha256) for m in bundle.members),
-        ("Malignant classes", ", ".join(bundle.malignant_classes)),
-        ("Intended use", bundle.intended_use),
-        ("TensorFlow version", info.tensorflow_version),
-        ("Keras version", info.keras_version),
-        ("Device", info.device),
-        ("Command line", info.command_line),
-        *((f"Input root {i}", root) for i, root in enumerate(info.inputs, start=1)),
-        *(("Lesion identity from", source) for source in info.lesion_maps),
-        ("Started (UTC)", _iso(info.started)),
-        ("Finished (UTC)", _iso(info.finished)),
-        ("Run time (seconds)", round(info.seconds, 3)),
-        ("Malignant threshold (malignant flag)", info.thresholds.malignant),
-        ("Review threshold (top probability below)", info.thresholds.review),
-        ("Disagreement threshold (Jensen-Shannon, bits)", info.thresholds.disagreement),
-        ("Patient identifiers pseudonymised", "yes (HMAC-SHA256)" if info.pseudonymized else "no"),
+    items: list[tuple[str, Any, str | None]] = [
+        ("Statement", DISCLAIMER, None),
+        ("dermscore version", info.tool_version, None),
+        ("Bundle name", bundle.name, None),
+        ("Bundle version", bundle.version, None),
+        ("Bundle identity", bundle.identity, None),
+        ("Bundle path", str(Path(bundle.path).resolve()), None),
+        *((f"Weights sha256 ({m.name}, {m.architecture})", m.sha256, None) for m in bundle.members),
+        ("Malignant classes", ", ".join(bundle.malignant_classes), None),
+        ("Intended use", bundle.intended_use, None),
+        ("TensorFlow version", info.tensorflow_version, None),
+        ("Keras version", info.keras_version, None),
+        ("Device", info.device, None),
+        ("Command line", info.command_line, None),
+        *((f"Input root {i}", root, None) for i, root in enumerate(info.inputs, start=1)),
+        *(("Lesion identity from", source, None) for source in info.lesion_maps),
+        ("Started (UTC)", _iso(info.started), None),
+        ("Finished (UTC)", _iso(info.finished), None),
+        ("Run time (seconds)", round(info.seconds, 3), None),
+        ("Malignant threshold (malignant flag)", info.thresholds.malignant, PERCENT),
+        ("Review threshold (top probability below)", info.thresholds.review, PERCENT),
+        ("Disagreement threshold (Jensen-Shannon, bits)", info.thresholds.disagreement, DIVERGENCE),
+        ("Patient identifiers pseudonymised", "yes (HMAC-SHA256)" if info.pseudonymized else "no", None),
     ]
     ws.append(_header(ws, ["Item", "Value"]))
-    for label, value in items:
-        cell = _cell(ws, value)
-        if cell is not None and isinstance(value, str):
+    for row, (label, value, fmt) in enumerate(items, start=2):
+        cell = _cell(ws, value, fmt)
+        if isinstance(value, str) and len(value) > RUN_VALUE_WIDTH:
             cell.alignment = WRAP
+            ws.row_dimensions[row].height = LINE_HEIGHT * -(-len(value) // RUN_VALUE_WIDTH)
         ws.append([_cell(ws, label), cell])
 
 
