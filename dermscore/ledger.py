@@ -10,7 +10,8 @@ Tables:
   stage and reason. A ``scored`` row exists only once *every* frame of that input is in ``images``,
   which is what makes a source split across two batches safe to resume.
 - ``images``: one row per (bundle identity, location, frame): the per-member probabilities and the
-  image's identity as JSON, so reports can be regenerated from the ledger alone (``frame`` is -1
+  image's identity as JSON (plus the ``--thumbnails`` PNG), so reports, with whatever thresholds and
+  lesion maps a later run uses, can be regenerated from the ledger alone (``frame`` is -1
   for single-image files, because SQLite treats NULLs as distinct in unique keys).
 
 Only one run may hold a ledger: an exclusive ``fcntl.flock`` on ``<ledger>.lock``, which the kernel
@@ -80,6 +81,7 @@ CREATE TABLE IF NOT EXISTS images (
     frame INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     result TEXT NOT NULL,
+    thumbnail BLOB,
     run_id TEXT NOT NULL,
     scored_at TEXT NOT NULL,
     PRIMARY KEY (bundle, location, frame)
@@ -219,12 +221,12 @@ class Ledger:
     def scored(self, bundle_identity: str, new_only: bool = False) -> Iterator[Scored]:
         """Every image of every completely scored input, in a stable order, as scoring produced it."""
         query = (
-            "SELECT i.location, i.frame, i.sha256, i.result FROM images i JOIN inputs s "
+            "SELECT i.location, i.frame, i.sha256, i.result, i.thumbnail FROM images i JOIN inputs s "
             "ON s.bundle = i.bundle AND s.location = i.location AND s.outcome = 'scored' "
             "WHERE i.bundle = ?" + self._scope(new_only, "i") + " ORDER BY i.location, i.frame"
         )
-        for location, frame, sha, result in self.db.execute(query, (bundle_identity,)):
-            yield decode_scored(location, frame, sha, result)
+        for row in self.db.execute(query, (bundle_identity,)):
+            yield decode_scored(*row)
 
     def failures(self, bundle_identity: str, new_only: bool = False) -> list[Failure]:
         query = (
@@ -289,12 +291,12 @@ class Recorder:
                     self._forget(ref.location)
                     self.open, self.open_frames = (ref.location, ref.sha256), 0
                 db.execute(
-                    "INSERT INTO images (bundle, location, frame, sha256, result, run_id, scored_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bundle, location, frame) DO UPDATE SET "
-                    "sha256 = excluded.sha256, result = excluded.result, run_id = excluded.run_id, "
-                    "scored_at = excluded.scored_at",
+                    "INSERT INTO images (bundle, location, frame, sha256, result, thumbnail, run_id, scored_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bundle, location, frame) DO UPDATE SET "
+                    "sha256 = excluded.sha256, result = excluded.result, thumbnail = excluded.thumbnail, "
+                    "run_id = excluded.run_id, scored_at = excluded.scored_at",
                     (self.bundle, ref.location, NO_FRAME if ref.frame is None else ref.frame, ref.sha256,
-                     encode_scored(result), self.run_id, now),
+                     encode_scored(result), ref.thumbnail, self.run_id, now),
                 )
                 self.open_frames += 1
                 images += 1
@@ -343,7 +345,7 @@ def encode_scored(scored: Scored) -> str:
     )
 
 
-def decode_scored(location: str, frame: int, sha: str, result: str) -> Scored:
+def decode_scored(location: str, frame: int, sha: str, result: str, thumbnail: bytes | None = None) -> Scored:
     data = json.loads(result)
     ref = ImageRef(
         location=location,
@@ -351,6 +353,7 @@ def decode_scored(location: str, frame: int, sha: str, result: str) -> Scored:
         frame=None if frame == NO_FRAME else frame,
         attributes=data.get("attributes") or {},
         lesion_id=data.get("lesion_id"),
+        thumbnail=thumbnail,
     )
     return Scored(ref, {name: np.asarray(p, dtype=np.float64) for name, p in data["members"].items()})
 
@@ -427,6 +430,7 @@ def stop_requested() -> Iterator[threading.Event]:
     every batch is its own transaction. Outside the main thread signals cannot be caught, so the
     event is simply never set.
     """
+    global _stop
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -438,15 +442,18 @@ def stop_requested() -> Iterator[threading.Event]:
         stop.set()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _stop = stop
     try:
         yield stop
     finally:
+        _stop = threading.Event()
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
 PAUSE_ENV = "DERMSCORE_TEST_PAUSE_AT"
 _pause_counts: Counter[str] = Counter()
+_stop = threading.Event()  # the running job's stop request, so a paused run still honours SIGTERM
 
 
 def pause_point(name: str) -> None:
@@ -455,8 +462,8 @@ def pause_point(name: str) -> None:
     Points: ``discovery`` (each input planned), ``result`` (each result received, before its batch
     is committed), ``commit`` (inside a batch's transaction, before COMMIT), ``reports`` (scoring
     committed, reports not yet written). The process prints ``dermscore: paused at NAME`` to stderr
-    and sleeps until killed, so a test can SIGKILL a real run at a known point. Unset, it costs one
-    dictionary lookup.
+    and sleeps until killed (a test SIGKILLs a real run at a known point) or until SIGINT/SIGTERM asks
+    it to stop (it then goes on and stops at the next batch boundary). Unset, it costs one lookup.
     """
     wanted = os.environ.get(PAUSE_ENV)
     if not wanted:
@@ -467,5 +474,5 @@ def pause_point(name: str) -> None:
     _pause_counts[name] += 1
     if _pause_counts[name] == int(nth or 1):
         print(f"dermscore: paused at {wanted} (pid {os.getpid()})", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(60)
+        while not _stop.wait(60):
+            pass
