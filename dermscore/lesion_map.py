@@ -37,6 +37,26 @@ class LesionMap:
         return None
 
 
+def _read_rows(reader: csv.DictReader, image_column: str, lesions: dict[str, str], where: str) -> None:
+    missing = {image_column, LESION_COLUMN} - set(reader.fieldnames or ())
+    if missing:
+        raise UsageError(
+            f"{where}: needs a header with columns '{image_column}' and '{LESION_COLUMN}'; "
+            f"missing {sorted(missing)} (found {reader.fieldnames or 'no header'})."
+        )
+    for row in reader:
+        image = (row[image_column] or "").strip()
+        lesion = (row[LESION_COLUMN] or "").strip()
+        if not image or not lesion:
+            continue  # an image with no lesion id is its own lesion, as if it were not listed
+        known = lesions.setdefault(image, lesion)
+        if known != lesion:
+            raise UsageError(
+                f"{where}, line {reader.line_num}: image {image!r} is given lesion {lesion!r} but an earlier "
+                f"line gave {known!r}; an image belongs to one lesion. Fix the file."
+            )
+
+
 def read_lesion_map(path: Path, kind: str = LESION_MAP) -> LesionMap:
     """Parse a lesion CSV; refuses missing columns and an image given two different lesion ids."""
     if kind not in IMAGE_COLUMN:
@@ -49,25 +69,8 @@ def read_lesion_map(path: Path, kind: str = LESION_MAP) -> LesionMap:
         raise UsageError(f"{option} {path}: cannot open the file ({exc.strerror or exc}).") from exc
     lesions: dict[str, str] = {}
     with handle:
-        reader = csv.DictReader(handle)
-        missing = {image_column, LESION_COLUMN} - set(reader.fieldnames or ())
-        if missing:
-            raise UsageError(
-                f"{option} {path}: needs a header with columns '{image_column}' and '{LESION_COLUMN}'; "
-                f"missing {sorted(missing)} (found {reader.fieldnames or 'no header'})."
-            )
         try:
-            for row in reader:
-                image = (row[image_column] or "").strip()
-                lesion = (row[LESION_COLUMN] or "").strip()
-                if not image or not lesion:
-                    continue  # an image with no lesion id is its own lesion, as if it were not listed
-                known = lesions.setdefault(image, lesion)
-                if known != lesion:
-                    raise UsageError(
-                        f"{option} {path}, line {reader.line_num}: image {image!r} is given lesion {lesion!r} "
-                        f"but an earlier line gave {known!r}; an image belongs to one lesion. Fix the file."
-                    )
+            _read_rows(csv.DictReader(handle), image_column, lesions, f"{option} {path}")
         except (UnicodeDecodeError, csv.Error) as exc:
             raise UsageError(f"{option} {path}: not a UTF-8 CSV file ({exc}).") from exc
     return LesionMap(kind=kind, path=Path(path), lesions=lesions)
