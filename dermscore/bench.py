@@ -1,0 +1,142 @@
+"""Throughput benchmark: how close scoring comes to what this machine can do, in one process and run.
+
+Reports model-only and end-to-end images/s, the naive per-image ``predict`` loop of the original
+study, the ensemble's share of the measured float32 matmul ceiling, peak RSS and time to first
+result, so a throughput claim always comes with the machine's own ceiling beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermscore.bundle import load_bundle
+from dermscore.discover import file_source
+from dermscore.infer import Predictor, score
+from dermscore.preprocess import prepare
+from dermscore.records import Failure
+from dermscore.runtime import Runtime, configure, default_batch_size, device_description
+
+
+@dataclass
+class BenchReport:
+    rows: list[tuple[str, str]]
+
+    def table(self) -> str:
+        width = max(len(k) for k, _ in self.rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in self.rows)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of float32 GEMM rate with numpy: the practical ceiling for convolution-heavy inference."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def model_flops(model: Any) -> float:
+    """Forward FLOPs per image from the convolution and dense layers (2 per multiply-add)."""
+    import keras
+
+    total = 0.0
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.Conv2D):
+            out_h, out_w, out_c = layer.output.shape[1:4]
+            kh, kw = layer.kernel_size
+            in_c = layer.input.shape[-1]
+            total += 2.0 * out_h * out_w * out_c * kh * kw * in_c / layer.groups
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2.0 * layer.input.shape[-1] * layer.units
+    return total
+
+
+def _all_layers(model: Any) -> list[Any]:
+    layers = []
+    for layer in model.layers:
+        layers.extend(_all_layers(layer) if hasattr(layer, "layers") else [layer])
+    return layers
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def seconds_since_process_start() -> float:
+    """Wall time since this process was created (Linux /proc), so start-up and imports are counted."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - started
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_bench(
+    images: Sequence[Path], model: str | Path | None, batch_size: int | None, n_images: int, naive_images: int,
+    runtime: Runtime,
+) -> BenchReport:
+    bundle = load_bundle(model)
+    batch_size = batch_size or default_batch_size(configure(runtime))
+    predictor = Predictor(bundle, batch_size, runtime)
+    paths = list(islice(cycle(images), n_images))
+    next(r for r in score([file_source(paths[0])], predictor) if not isinstance(r, Failure))
+    time_to_first = seconds_since_process_start()
+
+    from dermscore.decode import decode_source
+
+    prepared = [prepare(decode_source(file_source(p))[0].rgb, bundle.members) for p in paths[:batch_size]]
+    batch = {m.name: np.stack([x[m.name] for x in prepared]) for m in bundle.members}
+    predictor(batch)  # warm-up: compile at the fixed batch shape
+    batches = max(1, n_images // batch_size)
+    model_only = batches * batch_size / _timed(lambda: [predictor(batch) for _ in range(batches)])
+
+    count = 0
+
+    def end_to_end() -> None:
+        nonlocal count
+        count = sum(1 for r in score([file_source(p) for p in paths], predictor) if not isinstance(r, Failure))
+
+    e2e = n_images / _timed(end_to_end)
+    if count != n_images:
+        raise RuntimeError(f"benchmark images failed to score: {n_images - count} of {n_images}")
+
+    def naive(count: int) -> None:
+        for p in paths[:count]:
+            inputs = prepare(decode_source(file_source(p))[0].rgb, bundle.members)
+            for member in bundle.members:
+                predictor.models[member.name].predict(inputs[member.name][None], verbose=0)
+
+    naive(1)  # warm-up, so the loop is not charged for building predict's function
+    naive_rate = naive_images / _timed(lambda: naive(naive_images))
+    flops = sum(model_flops(predictor.models[m.name]) for m in bundle.members)
+    ceiling = matmul_gflops()
+    ceiling_rate = ceiling * 1e9 / flops
+    rows = [
+        ("device", f"{device_description(predictor.device)}; precision {runtime.precision}; xla {runtime.xla}"),
+        ("bundle", f"{bundle.name} {bundle.version}: "
+                   + ", ".join(f"{m.architecture} {m.input_size[0]}x{m.input_size[1]}" for m in bundle.members)),
+        ("images, batch size", f"{n_images} ({len(images)} distinct files), batch {batch_size}"),
+        ("ensemble GFLOPs / image", f"{flops / 1e9:.2f}"),
+        ("matmul ceiling", f"{ceiling:.0f} GFLOP/s -> {ceiling_rate:.2f} images/s for this ensemble"),
+        ("model-only", f"{model_only:.2f} images/s ({model_only / ceiling_rate:.0%} of ceiling)"),
+        ("end-to-end", f"{e2e:.2f} images/s ({e2e / ceiling_rate:.0%} of ceiling, {e2e / model_only:.0%} of model-only)"),
+        ("naive predict loop", f"{naive_rate:.2f} images/s (end-to-end is {e2e / naive_rate:.1f}x)"),
+        ("time to first result", f"{time_to_first:.1f} s from process start (imports, load, verify, first batch)"),
+        ("peak RSS", f"{peak_rss_mb():.0f} MB"),
+    ]
+    return BenchReport(rows)

@@ -1,0 +1,104 @@
+"""Compute settings for inference: device, precision, XLA, threads — applied once, before Keras loads.
+
+TensorFlow reads several of these only at import time (oneDNN, visible GPUs), so ``configure`` must
+run before the first ``import keras``; ``dermscore.infer.load_keras`` does that for every code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from dermscore.errors import UsageError
+
+DEVICES = ("auto", "cpu", "gpu")
+PRECISIONS = ("float32", "float16", "bfloat16")
+# Measured on the 2-core CPU (see README, "Throughput"): per-image speed is flat from batch 8 up, and
+# small batches keep the latency to the first result low; GPUs want bigger batches.
+DEFAULT_BATCH = {"cpu": 8, "gpu": 32}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str = "auto"
+    precision: str = "float32"
+    xla: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+
+
+_applied: dict[str, Any] = {}
+
+
+def configure(runtime: Runtime) -> str:
+    """Apply the settings and return the device actually used ('cpu' or 'gpu'); idempotent per process."""
+    if _applied:
+        if _applied["runtime"] != runtime:
+            raise UsageError(
+                f"compute settings were already applied in this process ({_applied['runtime']}); "
+                "start a new process to change device, precision or XLA."
+            )
+        return _applied["device"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # oneDNN kernels are off by default on CPUs without AVX-512 but were faster on our AVX2 machine.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    if runtime.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    device = _select_device(runtime.device)
+    _applied.update(runtime=runtime, device=device)
+    return device
+
+
+def with_precision(config: Any, precision: str) -> Any:
+    """A saved model's config with every layer's dtype policy set to ``precision`` (mixed or float32).
+
+    Saved .keras files pin each layer's policy, so the global policy does not reach loaded models.
+    """
+    policy = "float32" if precision == "float32" else f"mixed_{precision}"
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            return {**config, "config": {**config["config"], "name": policy}}
+        return {k: with_precision(v, precision) for k, v in config.items()}
+    if isinstance(config, list):
+        return [with_precision(v, precision) for v in config]
+    return config
+
+
+def _select_device(requested: str) -> str:
+    if keras_backend() != "tensorflow":
+        return "gpu" if requested == "gpu" else "cpu"  # other backends pick their device themselves
+    import tensorflow as tf
+
+    gpus = [] if requested == "cpu" else tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)  # share the card with other jobs
+    if requested == "gpu" and not gpus:
+        raise UsageError(
+            "--device gpu was asked for but TensorFlow sees no GPU. Install the CUDA build "
+            "(`pip install 'dermscore[gpu]'`), check `nvidia-smi`, or run with --device cpu."
+        )
+    return "gpu" if gpus else "cpu"
+
+
+def keras_backend() -> str:
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def default_batch_size(device: str) -> int:
+    return DEFAULT_BATCH[device]
+
+
+def device_description(device: str) -> str:
+    """Human-readable device for the Run sheet and benchmark table."""
+    if device == "gpu" and keras_backend() == "tensorflow":
+        import tensorflow as tf
+
+        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
+                 for g in tf.config.list_physical_devices("GPU")]
+        return "GPU: " + ", ".join(names)
+    return f"CPU: {os.cpu_count()} logical cores"
