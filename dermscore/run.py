@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import shlex
 import sys
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,12 +20,16 @@ from dermscore.bundle import Bundle, load_bundle
 from dermscore.discover import discover
 from dermscore.errors import UsageError
 from dermscore.infer import Predictor, score
-from dermscore.lesion_map import read_lesion_maps
-from dermscore.records import Failure
+from dermscore.ledger import (SELECTIONS, EventLog, Ledger, default_ledger_path, open_ledger, pause_point,
+                              stop_requested)
+from dermscore.lesion_map import LesionMap, read_lesion_maps
+from dermscore.records import DEFAULT_LESION_ATTRIBUTE, Failure, Scored, Skipped, Source
 from dermscore.runtime import Runtime, configure, default_batch_size
 from dermscore.report.pseudonymize import load_key, pseudonymize_row
 from dermscore.report.run_info import RunInfo, environment
 from dermscore.report.write import write_reports
+
+REPORT_SCOPES = ("all", "new")
 
 
 @dataclass
@@ -43,48 +49,165 @@ class RunOptions:
     pseudonymize: bool = False
     pseudonym_key_file: Path | None = None  # else $DERMSCORE_PSEUDONYM_KEY
     overwrite: bool = False  # replace reports already in `out` instead of writing a timestamped subfolder
+    ledger: Path | None = None  # None: DIR/ledger.sqlite
+    report: str = "all"  # all: everything this bundle scored so far; new: what no finished run reported
+    rescore: bool = False
+    skip_failed: bool = False
+    retry_failed: bool = False
+    wait: float = 0.0  # seconds to wait for another run holding the ledger
+    quiet: bool = False
+    log_json: Path | None = None  # JSON-lines event log, appended
+    lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE  # DICOM keyword whose value names the lesion
+
+    def selection(self) -> str:
+        """Which inputs to take on (dermscore.ledger.SELECTIONS): at most one of the three switches."""
+        chosen = [name for name in SELECTIONS[1:] if getattr(self, name.replace("-", "_"))]
+        if len(chosen) > 1:
+            raise UsageError("choose at most one of " + ", ".join(f"--{name}" for name in chosen) + ".")
+        return chosen[0] if chosen else SELECTIONS[0]
 
 
 @dataclass
 class RunSummary:
     bundle: Bundle
     out: Path
-    scored: int = 0
-    failures: list[Failure] = field(default_factory=list)
+    scored: int = 0  # images scored by this run
+    failures: list[Failure] = field(default_factory=list)  # inputs that failed in this run
+    skipped: int = 0  # inputs the ledger already holds with unchanged content
+    not_images: int = 0  # DICOM objects set aside as non-images (SR, presentation states, DICOMDIR)
+    reported: int = 0  # image rows in the reports (all so far, or only the new ones)
+    interrupted: bool = False  # SIGINT/SIGTERM: stopped after a batch, no reports written
+    ledger: Path | None = None
+    run_id: str = ""
 
 
 def run(options: RunOptions) -> RunSummary:
+    """Score what the ledger does not hold yet, committing batch by batch, then report from the ledger.
+
+    Safe to kill at any moment: a rerun resumes after the last committed batch (see dermscore.ledger).
+    """
     started = datetime.now(timezone.utc)
     if not options.inputs:
         raise UsageError("Give at least one input folder or file, e.g. `dermscore run examples/`.")
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}.")
+    if options.report not in REPORT_SCOPES:
+        raise UsageError(f"--report must be one of {', '.join(REPORT_SCOPES)}, got {options.report!r}.")
+    selection = options.selection()
+    if options.lesion_attribute != DEFAULT_LESION_ATTRIBUTE:
+        from dermscore.decode.dicom import check_lesion_attribute
+
+        check_lesion_attribute(options.lesion_attribute)
     key = load_key(options.pseudonym_key_file) if options.pseudonymize else None
     lesion_maps = read_lesion_maps(options.lesion_map, options.metadata)
-    bundle = load_bundle(options.model)
     options.out.mkdir(parents=True, exist_ok=True)
-    sources = list(discover(options.inputs))
+    ledger_path = options.ledger or default_ledger_path(options.out)
+    with EventLog(options.log_json) as log:
+        try:
+            with open_ledger(ledger_path, options.wait) as ledger, stop_requested() as stop:
+                bundle = load_bundle(options.model)
+                summary = RunSummary(bundle=bundle, out=options.out, ledger=ledger_path)
+                summary.run_id = ledger.begin_run(bundle.identity, shlex.join(sys.argv))
+                found = _set_aside_not_images(discover(options.inputs, options.lesion_attribute), summary)
+                sources = list(ledger.plan(found, bundle.identity, selection, stop))
+                summary.skipped = ledger.skipped
+                log.event("run_start", run_id=summary.run_id, bundle=bundle.identity, ledger=ledger_path,
+                          inputs=options.inputs, pending=len(sources), skipped=ledger.skipped)
+                _score_into_ledger(sources, bundle, ledger, options, summary, stop, log)
+                if summary.interrupted:
+                    ledger.end_run(summary.run_id, "interrupted")
+                else:
+                    pause_point("reports")
+                    _report(ledger, bundle, options, summary, started, lesion_maps, key)
+                    ledger.end_run(summary.run_id, "done")
+        except Exception as exc:
+            log.event("run_end", status="error", error=f"{type(exc).__name__}: {exc}")
+            raise
+        log.event("run_end", run_id=summary.run_id, status="interrupted" if summary.interrupted else "done",
+                  scored=summary.scored, failed=len(summary.failures), skipped=summary.skipped,
+                  reported=summary.reported, reports=summary.out)
+    return summary
+
+
+def _set_aside_not_images(items: Iterable[Source | Failure | Skipped], summary: RunSummary) -> Iterator[Source | Failure]:
+    """Count non-image DICOM objects (a number in the summary, not failures) and pass the rest on."""
+    for item in items:
+        if isinstance(item, Skipped):
+            summary.not_images += 1
+        else:
+            yield item
+
+
+def _score_into_ledger(
+    sources: list[Source | Failure],
+    bundle: Bundle,
+    ledger: Ledger,
+    options: RunOptions,
+    summary: RunSummary,
+    stop: threading.Event,
+    log: EventLog,
+) -> None:
+    """Score ``sources``, committing every batch; on a stop request, stop at the next batch boundary."""
+    if stop.is_set():
+        summary.interrupted = True
+    if summary.interrupted or not sources:
+        return  # nothing to score: no model load, so a night with no new images costs seconds
     runtime = Runtime(options.device, options.precision, options.xla)
-    device = configure(runtime)
-    predictor = Predictor(bundle, options.batch_size or default_batch_size(device), runtime)
-    summary = RunSummary(bundle=bundle, out=options.out)
-    rows = []
-    thumbnails: dict[str, bytes] = {}  # first image of each lesion
-    show = sys.stderr.isatty() if options.progress is None else options.progress
-    with tqdm(total=len(sources), unit="image", disable=not show, desc="scoring") as bar:
-        for result in score(sources, predictor, thumbnails=options.thumbnails):
+    predictor = Predictor(bundle, options.batch_size or default_batch_size(configure(runtime)), runtime)
+    recorder = ledger.recorder(summary.run_id, bundle.identity)
+    show = not options.quiet and (sys.stderr.isatty() if options.progress is None else options.progress)
+
+    def commit(final: bool = False) -> None:
+        stats = recorder.commit(final)
+        log.event("batch_commit", run_id=summary.run_id, batch=stats.batch, images=stats.images,
+                  failed=stats.failed, scored_so_far=summary.scored)
+
+    results = score(sources, predictor, thumbnails=options.thumbnails)
+    with tqdm(total=len(sources), unit="input", disable=not show, desc="scoring") as bar:
+        for result in results:
             if isinstance(result, Failure):
                 summary.failures.append(result)
+                log.event("input_failed", source=result.location, stage=result.stage, reason=result.reason)
+            elif isinstance(result, Scored):
+                summary.scored += 1
             else:
-                row = image_row(result, bundle, options.thresholds, lesion_maps)
-                rows.append(pseudonymize_row(row, key) if key else row)
-                if result.ref.thumbnail:
-                    thumbnails.setdefault(rows[-1]["lesion_id"], result.ref.thumbnail)
-            bar.update(1)
-    summary.scored = len(rows)
+                continue
+            recorder.add(result)
+            bar.update(0 if isinstance(result, Scored) and result.ref.frame not in (None, 0) else 1)
+            pause_point("result")
+            if recorder.pending >= predictor.batch_size:
+                commit()
+                if stop.is_set():
+                    summary.interrupted = True
+                    break
+        else:
+            commit(final=True)
+    results.close()
+
+
+def _report(
+    ledger: Ledger,
+    bundle: Bundle,
+    options: RunOptions,
+    summary: RunSummary,
+    started: datetime,
+    lesion_maps: list[LesionMap],
+    key: bytes | None,
+) -> None:
+    """Reports come from the ledger, not from memory, so they can cover earlier runs (``--report all``)
+    and always use this run's thresholds and lesion maps."""
+    new_only = options.report == "new"
+    rows = []
+    thumbnails: dict[str, bytes] = {}  # first image of each lesion
+    for result in ledger.scored(bundle.identity, new_only):
+        row = image_row(result, bundle, options.thresholds, lesion_maps)
+        rows.append(pseudonymize_row(row, key) if key else row)
+        if result.ref.thumbnail:
+            thumbnails.setdefault(rows[-1]["lesion_id"], result.ref.thumbnail)
+    summary.reported = len(rows)
     info = RunInfo(started=started, finished=datetime.now(timezone.utc), command_line=shlex.join(sys.argv),
                    inputs=[str(Path(p).resolve()) for p in options.inputs], thresholds=options.thresholds,
                    lesion_maps=[f"{m.kind}: {m.path}" for m in lesion_maps], pseudonymized=key is not None,
                    **environment())
-    summary.out = write_reports(options.out, bundle, rows, summary.failures, info, options.overwrite, thumbnails)
-    return summary
+    failures = ledger.failures(bundle.identity, new_only)
+    summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails)
