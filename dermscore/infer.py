@@ -84,7 +84,8 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
 Prepared = tuple[ImageRef, dict[str, np.ndarray]]
 
 
-def _decode_and_prepare(item: Source | Failure, bundle: Bundle, thumbnails: bool = False) -> list[Prepared] | Failure:
+def decode_and_prepare(item: Source | Failure, bundle: Bundle, thumbnails: bool = False) -> list[Prepared] | Failure:
+    """One input to member-ready arrays, or the Failure that says why not; shared by every engine."""
     if isinstance(item, Failure):
         return item
     try:
@@ -118,7 +119,7 @@ def score(
         batch.clear()
 
     window = max(2 * predictor.batch_size, 4 * workers)
-    for result in bounded_map(lambda it: _decode_and_prepare(it, bundle, thumbnails), items, workers, window):
+    for result in bounded_map(lambda it: decode_and_prepare(it, bundle, thumbnails), items, workers, window):
         if isinstance(result, Failure):
             yield result
             continue

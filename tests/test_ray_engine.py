@@ -1,0 +1,117 @@
+"""The Ray engine against a real local Ray instance: same records as the local engine, and exactly once
+when a model actor dies mid-run.
+
+One Ray instance (2 CPUs) serves the whole module; starting it costs ~15 s on the 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from conftest import SMALL_200
+from dermscore.bundle import Bundle, load_bundle
+from dermscore.discover import discover
+from dermscore.engines import RayOptions
+from dermscore.engines.ray import CRASH_MARKER_ENV, score_on_ray
+from dermscore.errors import UsageError
+from dermscore.infer import Predictor, score
+from dermscore.records import Failure, Scored
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def crash_marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ray-hook") / "crash-once"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance(crash_marker: Path):
+    # Workers inherit the environment Ray was started with, so the test hook is armed here; it only
+    # fires while the marker file exists.
+    os.environ[CRASH_MARKER_ENV] = str(crash_marker)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    del os.environ[CRASH_MARKER_ENV]
+
+
+@pytest.fixture(scope="module")
+def bundle(small_bundle: Path) -> Bundle:
+    return load_bundle(small_bundle)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real HAM10000 images, some in a zip (whose sources cannot be pickled), and three bad inputs."""
+    images = sorted((SMALL_200 / "images").glob("*.jpg"))[:12]
+    assert len(images) == 12, f"real data missing under {SMALL_200 / 'images'}"
+    folder = tmp_path_factory.mktemp("mixed")
+    for image in images[:9]:
+        shutil.copy(image, folder / image.name)
+    with zipfile.ZipFile(folder / "export.zip", "w") as archive:
+        for image in images[9:]:
+            archive.write(image, f"lesions/{image.name}")
+    data = images[0].read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "not-an-image.jpg").write_bytes(b"patient notes, not pixels\n" * 20)
+    (folder / "empty.jpg").write_bytes(b"")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_results(bundle: Bundle, mixed_folder: Path) -> list[Scored | Failure]:
+    return list(score(discover([mixed_folder]), Predictor(bundle, BATCH)))
+
+
+def split(results: list[Scored | Failure]) -> tuple[list[Scored], list[Failure]]:
+    return [r for r in results if isinstance(r, Scored)], [r for r in results if isinstance(r, Failure)]
+
+
+def assert_same_records(ray_results: list[Scored | Failure], local_results: list[Scored | Failure]) -> None:
+    ray_scored, ray_failed = split(ray_results)
+    local_scored, local_failed = split(local_results)
+    assert [s.ref for s in ray_scored] == [s.ref for s in local_scored]  # location, sha256, frame
+    for ours, theirs in zip(ray_scored, local_scored):
+        assert ours.member_probabilities.keys() == theirs.member_probabilities.keys()
+        for member, probabilities in theirs.member_probabilities.items():
+            np.testing.assert_allclose(ours.member_probabilities[member], probabilities, atol=1e-5, rtol=0)
+    assert ray_failed == local_failed  # same inputs, same stage, same words
+
+
+def test_same_records_as_the_local_engine(bundle: Bundle, mixed_folder: Path, local_results) -> None:
+    results = list(score_on_ray(discover([mixed_folder]), bundle, BATCH, options=RayOptions(replicas=1)))
+
+    scored, failed = split(results)
+    assert len(scored) == 12 and len(failed) == 3
+    assert any("!lesions/" in s.ref.location for s in scored)  # zip members travelled as bytes
+    assert {f.stage for f in failed} == {"read", "decode"}
+    assert_same_records(results, local_results)
+
+
+def test_a_model_actor_killed_mid_run_costs_no_image_and_repeats_none(
+    bundle: Bundle, mixed_folder: Path, local_results, crash_marker: Path
+) -> None:
+    crash_marker.touch()
+
+    results = list(score_on_ray(discover([mixed_folder]), bundle, BATCH))
+
+    assert not crash_marker.exists(), "the test hook did not fire: no actor reached its second batch"
+    counts = Counter(r.ref.location if isinstance(r, Scored) else r.location for r in results)
+    assert counts and set(counts.values()) == {1}
+    assert_same_records(results, local_results)
+
+
+def test_bad_resources_are_usage_errors_before_any_work() -> None:
+    with pytest.raises(UsageError, match="--replicas"):
+        RayOptions(replicas=0)
+    with pytest.raises(UsageError, match="--gpus-per-replica"):
+        RayOptions(gpus_per_replica=-1)
