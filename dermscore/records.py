@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+DEFAULT_LESION_ATTRIBUTE = "SeriesInstanceUID"  # a DICOM series is one lesion unless told otherwise
+
 
 @dataclass(frozen=True)
 class Source:
@@ -22,7 +24,7 @@ class Source:
     kind: str = "file"  # file | zip-member | dicomdir-ref
     # DICOM attribute that names the lesion (--lesion-attribute); carried with the source so any
     # engine's decode step sees it without extra arguments.
-    lesion_attribute: str = "SeriesInstanceUID"
+    lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,7 @@ def jpeg_by_imagecodecs(rgb: np.ndarray, path: Path, kind: str) -> np.ndarray:
 
     ds = base_dataset(*rgb.shape[:2])
     if kind == "extended":
-        grey12 = (grey_of(rgb).astype(np.uint16) * 4095 // 255).astype(np.uint16)
+        grey12 = (grey_of(rgb).astype(np.uint32) * 4095 // 255).astype(np.uint16)
         _pixels(ds, 1, "MONOCHROME2", 16, stored=12)
         data = imagecodecs.jpeg8_encode(grey12, level=95, bitspersample=12)
         encapsulated([data], ds, path, JPEGExtended12Bit)

@@ -32,9 +32,8 @@ from pydicom.uid import UID
 from dermscore.decode import jpeg_plugin
 from dermscore.decode.raster import MAX_PIXELS
 from dermscore.errors import InputError, UsageError
-from dermscore.records import Frame, ImageRef
+from dermscore.records import DEFAULT_LESION_ATTRIBUTE, Frame, ImageRef
 
-DEFAULT_LESION_ATTRIBUTE = "SeriesInstanceUID"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 # ImageRef.attributes keys (the report's column names) -> DICOM keywords.
@@ -138,7 +137,11 @@ def _check_decodable(ds: Dataset, max_pixels: int) -> int:
     """Fail early with a plain reason (no pixels, no codec, too big); returns the number of frames."""
     if not any(k in ds for k in PIXEL_KEYWORDS):
         name = UID(str(ds.get("SOPClassUID", ""))).name or "unknown SOP class"
-        raise InputError(f"DICOM object has no pixel data ({name}); nothing to score", stage="decode")
+        raise InputError(
+            f"DICOM object has no pixel data ({name}): nothing to score; if it should be an image, the file "
+            "may be truncated",
+            stage="decode",
+        )
     syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
     try:
         decoder = get_decoder(syntax)
@@ -229,7 +232,10 @@ def decode_dicom(
     lesion_id = lesion_of(ds, lesion_attribute)
     frames = []
     try:
-        for index, arr in enumerate(iter_pixels(ds)):
+        syntax = ds.file_meta.TransferSyntaxUID
+        # Ours first where Pillow would only fail noisily (12-bit) or not at all (lossless).
+        plugin = jpeg_plugin.LABEL if syntax in jpeg_plugin.SYNTAXES and jpeg_plugin.is_available(syntax) else ""
+        for index, arr in enumerate(iter_pixels(ds, decoding_plugin=plugin)):
             ref = ImageRef(location, sha256, frame=index + 1, attributes=dict(attributes), lesion_id=lesion_id)
             frames.append(Frame(ref, to_rgb8(arr, ds)))
     except InputError:
