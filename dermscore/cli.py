@@ -44,6 +44,7 @@ def run(
     pseudonymize: Annotated[bool, typer.Option(help="Replace patient identifiers with a keyed hash (needs a key).")] = False,
     pseudonym_key_file: Annotated[Optional[Path], typer.Option(help="File with the secret key for --pseudonymize (else $DERMSCORE_PSEUDONYM_KEY).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace reports already in --out (default: write a timestamped subfolder).")] = False,
+    lesion_attribute: Annotated[str, typer.Option(help="DICOM keyword whose value names the lesion (default: one lesion per series).")] = "SeriesInstanceUID",
 ) -> None:
     """Score every image under INPUTS and write images.csv, lesions.csv, errors.csv and report.xlsx.
 
@@ -59,7 +60,7 @@ def run(
             inputs=inputs, out=out, model=model, batch_size=batch_size, progress=progress,
             thresholds=Thresholds(**{k: v for k, v in given.items() if v is not None}),
             lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, pseudonymize=pseudonymize,
-            pseudonym_key_file=pseudonym_key_file, overwrite=overwrite,
+            pseudonym_key_file=pseudonym_key_file, overwrite=overwrite, lesion_attribute=lesion_attribute,
         )
         summary = run_job(options)
     except DermscoreError as exc:
@@ -70,6 +71,8 @@ def run(
         f"scored {summary.scored} image(s) with {summary.bundle.name} {summary.bundle.version}; "
         f"{len(summary.failures)} input(s) failed; reports in {summary.out}"
     )
+    if summary.not_images:
+        typer.echo(f"skipped {summary.not_images} non-image DICOM object(s) (reports, presentation states, DICOMDIRs)")
     typer.echo("Results are decision support for research, not a diagnosis.")
     if summary.failures:
         typer.echo(f"see {summary.out / 'errors.csv'} for the inputs that could not be scored", err=True)
