@@ -18,6 +18,7 @@ from tqdm import tqdm
 from dermscore.aggregate import Thresholds, image_row
 from dermscore.bundle import Bundle, load_bundle
 from dermscore.discover import discover
+from dermscore.engines import ENGINES, RayOptions
 from dermscore.errors import UsageError
 from dermscore.infer import Predictor, score
 from dermscore.ledger import (SELECTIONS, EventLog, Ledger, default_ledger_path, open_ledger, pause_point,
@@ -58,6 +59,8 @@ class RunOptions:
     quiet: bool = False
     log_json: Path | None = None  # JSON-lines event log, appended
     lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE  # DICOM keyword whose value names the lesion
+    engine: str = "local"  # local | ray (dermscore.engines)
+    ray: RayOptions = field(default_factory=RayOptions)  # where and how wide, with engine="ray"
 
     def selection(self) -> str:
         """Which inputs to take on (dermscore.ledger.SELECTIONS): at most one of the three switches."""
@@ -93,6 +96,8 @@ def run(options: RunOptions) -> RunSummary:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}.")
     if options.report not in REPORT_SCOPES:
         raise UsageError(f"--report must be one of {', '.join(REPORT_SCOPES)}, got {options.report!r}.")
+    if options.engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {options.engine!r}.")
     selection = options.selection()
     if options.lesion_attribute != DEFAULT_LESION_ATTRIBUTE:
         from dermscore.decode.dicom import check_lesion_attribute
@@ -153,7 +158,15 @@ def _score_into_ledger(
     if summary.interrupted or not sources:
         return  # nothing to score: no model load, so a night with no new images costs seconds
     runtime = Runtime(options.device, options.precision, options.xla)
-    predictor = Predictor(bundle, options.batch_size or default_batch_size(configure(runtime)), runtime)
+    if options.engine == "ray":
+        from dermscore.engines.ray import score_on_ray  # Ray is imported only by runs that ask for it
+
+        batch_size = options.batch_size or default_batch_size(options.ray.device)
+        results = score_on_ray(sources, bundle, batch_size, runtime, options.ray, options.thumbnails)
+    else:
+        predictor = Predictor(bundle, options.batch_size or default_batch_size(configure(runtime)), runtime)
+        batch_size = predictor.batch_size
+        results = score(sources, predictor, thumbnails=options.thumbnails)
     recorder = ledger.recorder(summary.run_id, bundle.identity)
     show = not options.quiet and (sys.stderr.isatty() if options.progress is None else options.progress)
 
@@ -162,7 +175,6 @@ def _score_into_ledger(
         log.event("batch_commit", run_id=summary.run_id, batch=stats.batch, images=stats.images,
                   failed=stats.failed, scored_so_far=summary.scored)
 
-    results = score(sources, predictor, thumbnails=options.thumbnails)
     with tqdm(total=len(sources), unit="input", disable=not show, desc="scoring") as bar:
         for result in results:
             if isinstance(result, Failure):
@@ -175,7 +187,7 @@ def _score_into_ledger(
             recorder.add(result)
             bar.update(0 if isinstance(result, Scored) and result.ref.frame not in (None, 0) else 1)
             pause_point("result")
-            if recorder.pending >= predictor.batch_size:
+            if recorder.pending >= batch_size:
                 commit()
                 if stop.is_set():
                     summary.interrupted = True
