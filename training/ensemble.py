@@ -1,0 +1,101 @@
+"""Member predictions, ensemble weights fitted on validation, and optional flip test-time augmentation.
+
+Weights are chosen on the validation split only (never on test), by balanced accuracy, with equal
+weights as the baseline the fit must beat; ties go to the weights closest to equal, which generalise
+more safely than a lucky corner of the grid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from training.metrics import balanced_accuracy
+from training.train import MemberRun, predict
+
+FLIPS = ((False, False), (False, True), (True, False), (True, True))  # (vertical, horizontal)
+
+
+def member_predictions(run: MemberRun, sides: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    """Validation and test probabilities of the member's best checkpoint, plain and flip-averaged; cached."""
+    if path.is_file() and path.stat().st_mtime >= (run.folder / "best.keras").stat().st_mtime:
+        with np.load(path) as stored:
+            return dict(stored)
+    model = keras.models.load_model(run.folder / "best.keras", compile=False)
+    result = {}
+    for side in ("val", "test"):
+        views = []
+        for vertical, horizontal in FLIPS:
+            images = run.images[:, ::-1] if vertical else run.images
+            images = images[:, :, ::-1] if horizontal else images
+            views.append(predict(model, images, sides[side], run.config.preprocessing))
+        result[side] = views[0]
+        result[f"{side}_tta"] = np.mean(views, axis=0)
+    np.savez(path, **result)
+    return result
+
+
+def combine(probs: list[np.ndarray], weights: tuple[float, ...]) -> np.ndarray:
+    """Weighted mean of member probabilities (what dermscore computes from the manifest's weights)."""
+    weights_array = np.asarray(weights, dtype=np.float64)
+    return np.tensordot(weights_array / weights_array.sum(), np.stack(probs), axes=1)
+
+
+def weight_grid(n_members: int, step: float = 0.05) -> list[tuple[float, ...]]:
+    """All weight vectors on the simplex with the given step (for 2 members: w, 1 - w)."""
+    ticks = int(round(1 / step))
+    grid = [c for c in itertools.product(range(ticks + 1), repeat=n_members - 1) if sum(c) <= ticks]
+    return [tuple(round(v * step, 4) for v in (*c, ticks - sum(c))) for c in grid]
+
+
+def fit_weights(val_probs: list[np.ndarray], y_val: np.ndarray, step: float = 0.05) -> dict:
+    """Grid search of member weights on validation; returns the choice and the equal-weight baseline."""
+    n = len(val_probs)
+    equal = tuple([round(1.0 / n, 4)] * n)
+    scored = []
+    for weights in weight_grid(n, step):
+        score = balanced_accuracy(y_val, combine(val_probs, weights).argmax(1))
+        distance = float(np.abs(np.asarray(weights) - 1.0 / n).sum())
+        scored.append((round(score, 6), -distance, weights))
+    best_score, _, best = max(scored)
+    return {
+        "weights": list(best),
+        "val_balanced_accuracy": best_score,
+        "equal_weights_val_balanced_accuracy": round(balanced_accuracy(y_val, combine(val_probs, equal).argmax(1)), 6),
+        "grid": [{"weights": list(w), "val_balanced_accuracy": s} for s, _, w in sorted(scored, key=lambda t: t[2])],
+    }
+
+
+def fit_ensemble(predictions: dict[str, dict[str, np.ndarray]], y_val: np.ndarray, tta: bool = False) -> dict:
+    """Fit weights with and without flip TTA and report both on validation.
+
+    TTA is used only when asked: ``dermscore`` scores each image once, so the bundle's figures describe
+    the plain ensemble unless the caller opts in (the validation comparison tells whether it is worth it).
+    """
+    members = list(predictions)
+    plain = fit_weights([predictions[m]["val"] for m in members], y_val)
+    flipped = fit_weights([predictions[m]["val_tta"] for m in members], y_val)
+    use_tta = bool(tta)
+    chosen = flipped if use_tta else plain
+    return {
+        "members": members,
+        "weights": dict(zip(members, chosen["weights"])),
+        "tta": bool(use_tta),
+        "val_balanced_accuracy": chosen["val_balanced_accuracy"],
+        "equal_weights_val_balanced_accuracy": chosen["equal_weights_val_balanced_accuracy"],
+        "val_balanced_accuracy_without_tta": plain["val_balanced_accuracy"],
+        "val_balanced_accuracy_with_tta": flipped["val_balanced_accuracy"],
+        "member_val_balanced_accuracy": {
+            m: round(balanced_accuracy(y_val, predictions[m]["val_tta" if use_tta else "val"].argmax(1)), 6)
+            for m in members
+        },
+        "grid": chosen["grid"],
+    }
+
+
+def save(result: dict, path: Path) -> None:
+    path.write_text(json.dumps(result, indent=1))

@@ -1,0 +1,341 @@
+"""Train one ensemble member: sampling, augmentation, schedule, early stopping and resumable checkpoints.
+
+Why these choices (measured on CPU from scratch, see MODEL_CARD): deep nets at high resolution barely
+learn in a CPU budget, so members train at low resolution; a warm-up then cosine-decayed learning
+rate and label smoothing keep from-scratch training stable; damped class-balanced sampling (class
+frequency ** power) fights the nv majority without the wild swings full inverse-frequency weights
+caused. Each epoch writes a checkpoint (model, optimizer state, epoch, early-stopping state), so a
+killed run continues where it stopped when started again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from dermscore.bundle import CLASS_CODES
+from dermscore.preprocess import normalize
+from training.augment import ColourJitter, build_augmenter
+from training.metrics import balanced_accuracy
+from training.models import ARCHITECTURES, Head, build_classifier, set_backbone_trainable
+
+HISTORY_FIELDS = (
+    "epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "learning_rate", "seconds"
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a member's training run (recorded in the bundle's provenance)."""
+
+    member: str
+    input_size: tuple[int, int]
+    init: str = "none"
+    head: Head = field(default_factory=Head)
+    batch_size: int = 32
+    epochs: int = 30
+    steps_per_epoch: int | None = None  # None: one pass over the training split's size
+    learning_rate: float = 1e-3
+    warmup_epochs: float = 1.0
+    min_learning_rate_ratio: float = 0.01
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    sampling_power: float = 0.5  # 1: natural frequencies, 0: every class equally often
+    class_weight_power: float = 0.0  # extra loss weights (1 / sampled frequency) ** power
+    head_epochs: int = 0  # phase 1 (backbone frozen) length; only meaningful with pretrained weights
+    head_learning_rate: float = 1e-3
+    finetune_layers: int | None = None  # phase 2: None = whole backbone, N = last N backbone layers
+    patience: int = 8
+    rotation: float = 0.5
+    zoom: float = 0.1
+    colour: float = 0.2
+    seed: int = 42
+    mixed_precision: bool = False
+
+    @property
+    def preprocessing(self) -> str:
+        return ARCHITECTURES[self.member].preprocessing
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["input_size"] = list(self.input_size)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        data["input_size"] = tuple(data["input_size"])
+        data["head"] = Head(**data["head"])
+        return cls(**data)
+
+
+# Settings for this project's CPU-only, from-scratch bundle (see MODEL_CARD for the measurements).
+CPU_PRESETS = {
+    "inceptionv3": TrainConfig(member="inceptionv3", input_size=(75, 100), epochs=10, steps_per_epoch=150),
+    "densenet201": TrainConfig(member="densenet201", input_size=(48, 64), epochs=10, steps_per_epoch=100),
+}
+# For a GPU with internet: ImageNet initialisation, the study's resolution, head then full fine-tuning.
+GPU_PRESETS = {
+    "inceptionv3": TrainConfig(
+        member="inceptionv3", input_size=(299, 299), init="imagenet", epochs=30, learning_rate=1e-4,
+        head_epochs=3, mixed_precision=True,
+    ),
+    "densenet201": TrainConfig(
+        member="densenet201", input_size=(224, 224), init="imagenet", epochs=30, learning_rate=1e-4,
+        head_epochs=3, mixed_precision=True,
+    ),
+}
+
+
+class Batches(keras.utils.PyDataset):
+    """Normalised image batches from the uint8 cache.
+
+    With ``sampling_power`` set, each epoch draws a fresh sample (seeded by seed and epoch, so a resumed
+    run sees the same sequence) in which class c appears in proportion to count_c ** power.
+    Without it, the given indices are served in order (validation, prediction).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        indices: np.ndarray,
+        batch_size: int,
+        preprocessing: str,
+        sampling_power: float | None = None,
+        steps: int | None = None,
+        class_weight_power: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.images, self.labels, self.indices = images, labels, np.asarray(indices)
+        self.batch_size, self.preprocessing = batch_size, preprocessing
+        self.sampling_power, self.seed, self.epoch = sampling_power, seed, 0
+        self.steps = steps or int(np.ceil(len(self.indices) / batch_size))
+        self._order = self._draw()
+        counts = np.bincount(labels[self.indices], minlength=len(CLASS_CODES)).astype(np.float64)
+        sampled = counts ** (sampling_power if sampling_power is not None else 1.0)
+        freq = sampled / sampled.sum()
+        weights = np.where(freq > 0, (1.0 / len(CLASS_CODES) / np.maximum(freq, 1e-12)) ** class_weight_power, 0.0)
+        self.class_weights = weights.astype(np.float32) if class_weight_power else None
+
+    def _draw(self) -> np.ndarray:
+        if self.sampling_power is None:
+            return self.indices
+        labels = self.labels[self.indices]
+        counts = np.bincount(labels, minlength=len(CLASS_CODES)).astype(np.float64)
+        p = counts[labels] ** (self.sampling_power - 1.0)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return rng.choice(self.indices, size=self.steps * self.batch_size, replace=True, p=p / p.sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._order = self._draw()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int):
+        rows = np.sort(self._order[i * self.batch_size : (i + 1) * self.batch_size])  # sorted: faster mmap reads
+        x = normalize(self.images[rows], self.preprocessing)
+        y = np.eye(len(CLASS_CODES), dtype=np.float32)[self.labels[rows]]
+        if self.class_weights is None:
+            return x, y
+        return x, y, self.class_weights[self.labels[rows]]
+
+
+def predict(model: keras.Model, images: np.ndarray, indices: np.ndarray, preprocessing: str, batch_size: int = 64):
+    """Softmax probabilities (N, 7) for ``images[indices]``."""
+    labels = np.zeros(len(images), dtype=np.int64)
+    data = Batches(images, labels, indices, batch_size, preprocessing)
+    return np.asarray(model.predict(data, verbose=0), dtype=np.float64)
+
+
+class _Checkpoint(keras.callbacks.Callback):
+    """Per epoch: validation balanced accuracy, history row, best classifier, resumable checkpoint, stop."""
+
+    def __init__(self, run: MemberRun, train_data: Batches, val_labels: np.ndarray, phase: str, state: dict):
+        super().__init__()
+        self.run, self.train_data, self.val_labels, self.phase, self.state = run, train_data, val_labels, phase, state
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.train_data.set_epoch(epoch)
+        self.started = time.time()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % 25 == 0:  # progress for long CPU epochs (logs of background runs)
+            print(f"  step {batch + 1}: {(time.time() - self.started) / (batch + 1):.2f} s/step", flush=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        run, state = self.run, self.state
+        probs = predict(self.model, run.images, run.val_indices, run.config.preprocessing)
+        score = balanced_accuracy(self.val_labels, probs.argmax(1))
+        row = {
+            "epoch": epoch + 1,
+            "phase": self.phase,
+            "loss": round(float(logs.get("loss", np.nan)), 5),
+            "accuracy": round(float(logs.get("accuracy", np.nan)), 5),
+            "val_loss": round(float(-np.mean(np.log(probs[np.arange(len(probs)), self.val_labels] + 1e-12))), 5),
+            "val_accuracy": round(float(np.mean(probs.argmax(1) == self.val_labels)), 5),
+            "val_balanced_accuracy": round(score, 5),
+            "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            "seconds": round(time.time() - self.started, 1),
+        }
+        run.append_history(row)
+        print(json.dumps(row), flush=True)
+        if score > state["best"]:
+            state.update(best=score, best_epoch=epoch + 1, wait=0)
+            run.classifier(self.model).save(run.folder / "best.keras")
+        else:
+            state["wait"] += 1
+        state["epoch"] = epoch + 1
+        run.save_checkpoint(self.model, state)
+        if state["wait"] >= run.config.patience:
+            print(f"early stop: no val balanced accuracy gain for {state['wait']} epochs", flush=True)
+            state["stopped"] = True
+            run.save_state(state)
+            self.model.stop_training = True
+
+
+@dataclass
+class MemberRun:
+    """A member's working folder: config, history, checkpoints and the best classifier."""
+
+    folder: Path
+    config: TrainConfig
+    images: np.ndarray
+    labels: np.ndarray
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "state.json"
+
+    def load_state(self) -> dict:
+        if self.state_path.is_file():
+            return json.loads(self.state_path.read_text())
+        return {"epoch": 0, "best": -1.0, "best_epoch": 0, "wait": 0, "stopped": False, "checkpoint": None}
+
+    def save_state(self, state: dict) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.state_path)
+
+    def save_checkpoint(self, model: keras.Model, state: dict) -> None:
+        """Write the new checkpoint file first, then the state that points to it, then drop the old one.
+
+        A kill at any moment leaves a state file naming a complete checkpoint.
+        """
+        old = state.get("checkpoint")
+        name = f"checkpoint_epoch{state['epoch']:03d}.keras"
+        model.save(self.folder / name)
+        state["checkpoint"] = name
+        self.save_state(state)
+        if old and old != name:
+            (self.folder / old).unlink(missing_ok=True)
+
+    def append_history(self, row: dict) -> None:
+        path = self.folder / "history.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def classifier(self, model: keras.Model) -> keras.Model:
+        return model.get_layer(self.config.member)
+
+    def _trainer(self) -> keras.Model:
+        cfg = self.config
+        classifier = build_classifier(cfg.member, cfg.input_size, cfg.init, cfg.head, cfg.seed)
+        inputs = keras.Input((*cfg.input_size, 3), name="image")
+        augmented = build_augmenter(cfg.rotation, cfg.zoom, cfg.colour, cfg.seed)(inputs)
+        return keras.Model(inputs, classifier(augmented), name="trainer")
+
+    def _compile(self, model: keras.Model, peak: float, epochs: int, steps: int) -> None:
+        cfg = self.config
+        total = max(epochs * steps, 1)
+        warmup = min(int(cfg.warmup_epochs * steps), total - 1)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=peak * 0.01,
+            decay_steps=max(total - warmup, 1),
+            alpha=cfg.min_learning_rate_ratio,
+            warmup_target=peak,
+            warmup_steps=warmup,
+        )
+        model.compile(
+            optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+            metrics=["accuracy"],
+        )
+
+    def phases(self) -> list[tuple[str, int, int]]:
+        """(name, first epoch, end epoch): an optional frozen-backbone head phase, then the main phase."""
+        cfg = self.config
+        head = cfg.head_epochs if cfg.init != "none" else 0
+        return ([("head", 0, head)] if head else []) + [("train", head, cfg.epochs)]
+
+    def fit(self) -> dict:
+        """Train (or continue training) and return the final state; the best classifier is best.keras."""
+        cfg = self.config
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+        keras.utils.set_random_seed(cfg.seed)
+        if cfg.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        state = self.load_state()
+        steps = cfg.steps_per_epoch or int(np.ceil(len(self.train_indices) / cfg.batch_size))
+        train_data = Batches(
+            self.images, self.labels, self.train_indices, cfg.batch_size, cfg.preprocessing,
+            sampling_power=cfg.sampling_power, steps=steps, class_weight_power=cfg.class_weight_power, seed=cfg.seed,
+        )
+        val_labels = self.labels[self.val_indices]
+        model = None
+        if state["checkpoint"]:
+            print(f"resuming after epoch {state['epoch']} from {state['checkpoint']}", flush=True)
+            model = keras.models.load_model(
+                self.folder / state["checkpoint"], custom_objects={"ColourJitter": ColourJitter}
+            )
+        for phase, first, end in self.phases():
+            if state.get("stopped") or state["epoch"] >= end:
+                continue
+            if model is None:
+                model = self._trainer()
+            if state["epoch"] == first or model.optimizer is None:
+                # A new phase: set what trains and start a fresh optimizer and schedule for it.
+                if cfg.init != "none":
+                    set_backbone_trainable(
+                        self.classifier(model), False if phase == "head" else (cfg.finetune_layers or True)
+                    )
+                peak = cfg.head_learning_rate if phase == "head" else cfg.learning_rate
+                self._compile(model, peak, end - first, steps)
+            callback = _Checkpoint(self, train_data, val_labels, phase, state)
+            model.fit(train_data, epochs=end, initial_epoch=state["epoch"], callbacks=[callback], verbose=2)
+        return state
+
+
+def resume_config(folder: Path, config: TrainConfig) -> TrainConfig:
+    """A resumed run keeps the config it started with, so a checkpoint is never continued differently."""
+    path = folder / "config.json"
+    if (folder / "state.json").is_file() and path.is_file():
+        saved = TrainConfig.from_json(json.loads(path.read_text()))
+        if saved != config:
+            print(f"resuming {folder}: using the saved config, not the new options", flush=True)
+        return saved
+    return config
+
+
+def with_overrides(config: TrainConfig, **overrides) -> TrainConfig:
+    """Preset plus command-line options (None means: keep the preset's value)."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
