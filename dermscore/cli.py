@@ -45,12 +45,18 @@ def run(
     pseudonym_key_file: Annotated[Optional[Path], typer.Option(help="File with the secret key for --pseudonymize (else $DERMSCORE_PSEUDONYM_KEY).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace reports already in --out (default: write a timestamped subfolder).")] = False,
     lesion_attribute: Annotated[str, typer.Option(help="DICOM keyword whose value names the lesion (default: one lesion per series).")] = "SeriesInstanceUID",
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; needs dermscore[ray], see README).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else Ray on this machine).")] = None,
+    replicas: Annotated[int, typer.Option(help="With --engine ray: model actors, each holding the whole ensemble.")] = 1,
+    gpus_per_replica: Annotated[float, typer.Option(help="With --engine ray: GPUs per model actor (a fraction shares a card).")] = 0.0,
+    cpus_per_replica: Annotated[float, typer.Option(help="With --engine ray: CPUs per model actor.")] = 1.0,
 ) -> None:
     """Score every image under INPUTS and write images.csv, lesions.csv, errors.csv and report.xlsx.
 
     Example: dermscore run examples/ --out results --metadata HAM10000_metadata.csv --thumbnails
     """
     from dermscore.aggregate import Thresholds
+    from dermscore.engines import RayOptions
     from dermscore.run import RunOptions
     from dermscore.run import run as run_job
 
@@ -61,6 +67,7 @@ def run(
             thresholds=Thresholds(**{k: v for k, v in given.items() if v is not None}),
             lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, pseudonymize=pseudonymize,
             pseudonym_key_file=pseudonym_key_file, overwrite=overwrite, lesion_attribute=lesion_attribute,
+            engine=engine, ray=RayOptions(ray_address, replicas, gpus_per_replica, cpus_per_replica),
         )
         summary = run_job(options)
     except DermscoreError as exc:
