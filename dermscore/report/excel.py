@@ -34,6 +34,7 @@ PERCENT = "0.0%"
 DIVERGENCE = "0.000"
 DURATION = "[h]:mm:ss"
 MAX_WIDTH = 50
+MIN_WIDTH = 6  # characters; narrower columns hide the filter button's label
 HASH_WIDTH = 18  # a hash prefix is enough to tell files apart on screen; the cell holds all of it
 LINE_HEIGHT = 15  # points per line of wrapped text
 RUN_VALUE_WIDTH = 90
@@ -112,7 +113,7 @@ def _width(column: str, table: Table) -> float:
     if column == "sha256":
         return HASH_WIDTH
     longest = max((len(str(r.get(column) or "")) for r in table.rows[:WIDTH_SAMPLE]), default=0)
-    return min(max(len(column), longest) + 2, MAX_WIDTH)
+    return min(max(len(column), longest, MIN_WIDTH) + 2, MAX_WIDTH)
 
 
 def _highlight(ws: WriteOnlyWorksheet, columns: Sequence[str], n_rows: int, thresholds: Thresholds) -> None:
