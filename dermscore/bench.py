@@ -123,6 +123,11 @@ def run_bench(
 
     naive(1)  # warm-up, so the loop is not charged for building predict's function
     naive_rate = naive_images / _timed(lambda: naive(naive_images))
+    precision_rows = []
+    if runtime.precision != "float32":
+        reference = Predictor(bundle, batch_size, Runtime(runtime.device, "float32", False))
+        diff = max(float(np.abs(predictor(batch)[m] - reference(batch)[m]).max()) for m in predictor.models)
+        precision_rows = [(f"{runtime.precision} vs float32", f"max |probability difference| {diff:.2e}")]
     flops = sum(model_flops(predictor.models[m.name]) for m in bundle.members)
     ceiling = matmul_gflops()
     ceiling_rate = ceiling * 1e9 / flops
@@ -138,5 +143,6 @@ def run_bench(
         ("naive predict loop", f"{naive_rate:.2f} images/s (end-to-end is {e2e / naive_rate:.1f}x)"),
         ("time to first result", f"{time_to_first:.1f} s from process start (imports, load, verify, first batch)"),
         ("peak RSS", f"{peak_rss_mb():.0f} MB"),
+        *precision_rows,
     ]
     return BenchReport(rows)

@@ -32,16 +32,19 @@ class Runtime:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
 
 
-_applied: dict[str, Any] = {}
+_applied: dict[str, str] = {}
 
 
 def configure(runtime: Runtime) -> str:
-    """Apply the settings and return the device actually used ('cpu' or 'gpu'); idempotent per process."""
+    """Pick the device before TensorFlow loads and return the one used ('cpu' or 'gpu').
+
+    Only the device is process-wide (TensorFlow fixes it at import); precision and XLA are applied
+    per model by ``dermscore.infer.load_member``, so one process can compare them.
+    """
     if _applied:
-        if _applied["runtime"] != runtime:
+        if runtime.device not in ("auto", _applied["device"]):
             raise UsageError(
-                f"compute settings were already applied in this process ({_applied['runtime']}); "
-                "start a new process to change device, precision or XLA."
+                f"this process already runs on {_applied['device']}; start a new process for --device {runtime.device}."
             )
         return _applied["device"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -49,24 +52,8 @@ def configure(runtime: Runtime) -> str:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     if runtime.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
-    device = _select_device(runtime.device)
-    _applied.update(runtime=runtime, device=device)
-    return device
-
-
-def with_precision(config: Any, precision: str) -> Any:
-    """A saved model's config with every layer's dtype policy set to ``precision`` (mixed or float32).
-
-    Saved .keras files pin each layer's policy, so the global policy does not reach loaded models.
-    """
-    policy = "float32" if precision == "float32" else f"mixed_{precision}"
-    if isinstance(config, dict):
-        if config.get("class_name") == "DTypePolicy":
-            return {**config, "config": {**config["config"], "name": policy}}
-        return {k: with_precision(v, precision) for k, v in config.items()}
-    if isinstance(config, list):
-        return [with_precision(v, precision) for v in config]
-    return config
+    _applied["device"] = _select_device(runtime.device)
+    return _applied["device"]
 
 
 def _select_device(requested: str) -> str:
@@ -102,3 +89,18 @@ def device_description(device: str) -> str:
                  for g in tf.config.list_physical_devices("GPU")]
         return "GPU: " + ", ".join(names)
     return f"CPU: {os.cpu_count()} logical cores"
+
+
+def with_precision(config: Any, precision: str) -> Any:
+    """A saved model's config with every layer's dtype policy set to ``precision`` (mixed or float32).
+
+    Saved .keras files pin each layer's policy, so the global policy does not reach loaded models.
+    """
+    policy = "float32" if precision == "float32" else f"mixed_{precision}"
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            return {**config, "config": {**config["config"], "name": policy}}
+        return {k: with_precision(v, precision) for k, v in config.items()}
+    if isinstance(config, list):
+        return [with_precision(v, precision) for v in config]
+    return config

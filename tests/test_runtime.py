@@ -1,0 +1,50 @@
+"""Compute settings: clear GPU errors, mixed precision's measured effect, and the benchmark command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from conftest import image_array
+from dermscore.bundle import load_bundle
+from dermscore.cli import app
+from dermscore.infer import Predictor
+from dermscore.preprocess import prepare
+from dermscore.runtime import Runtime
+
+
+def test_asking_for_a_gpu_without_one_fails_clearly(small_bundle: Path, sample_images: list[Path], tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dermscore.cli", "run", str(sample_images[0]), "--model", str(small_bundle),
+         "--out", str(tmp_path / "r"), "--device", "gpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--device gpu was asked for" in done.stderr and "--device cpu" in done.stderr
+    assert not (tmp_path / "r" / "images.csv").exists()
+
+
+def test_mixed_precision_stays_close_to_float32(small_bundle: Path) -> None:
+    bundle = load_bundle(small_bundle)
+    inputs = [prepare(image_array(i), bundle.members) for i in range(4)]
+    batch = {m.name: np.stack([x[m.name] for x in inputs]) for m in bundle.members}
+    full = Predictor(bundle, 4, Runtime(precision="float32"))(batch)
+    half = Predictor(bundle, 4, Runtime(precision="float16"))
+    assert half.models["inceptionv3"].layers[-1].dtype_policy.name == "mixed_float16"
+    out = half(batch)
+    for name in full:
+        assert np.abs(out[name] - full[name]).max() < 2e-3
+        np.testing.assert_allclose(out[name].sum(axis=1), 1.0, atol=2e-3)
+
+
+def test_bench_prints_every_figure(small_bundle: Path, sample_images: list[Path]) -> None:
+    result = CliRunner().invoke(
+        app, ["bench", str(sample_images[0].parent), "--model", str(small_bundle), "--images", "8", "--naive-images", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    for label in ("matmul ceiling", "model-only", "end-to-end", "naive predict loop", "time to first result", "peak RSS"):
+        assert label in result.output
