@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TypeVar
 
 import typer
 
@@ -14,6 +14,8 @@ from dermscore.errors import DermscoreError
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 6  # SIGINT/SIGTERM: stopped after a committed batch; rerun to resume
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Batch scoring of dermatoscopic images with an InceptionV3 + DenseNet201 ensemble.\n\n"
@@ -30,7 +32,8 @@ def _fail(exc: DermscoreError) -> None:
 
 @app.command()
 def run(
-    inputs: Annotated[list[Path], typer.Argument(help="Folders and image files to score.")],
+    ctx: typer.Context,
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Folders and image files to score (or `inputs` in --config).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Bundle folder or name in models/.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reports.")] = Path("dermscore-results"),
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
@@ -45,6 +48,15 @@ def run(
     pseudonym_key_file: Annotated[Optional[Path], typer.Option(help="File with the secret key for --pseudonymize (else $DERMSCORE_PSEUDONYM_KEY).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace reports already in --out (default: write a timestamped subfolder).")] = False,
     lesion_attribute: Annotated[str, typer.Option(help="DICOM keyword whose value names the lesion (default: one lesion per series).")] = "SeriesInstanceUID",
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML job file setting any of these options (README, 'Scheduled jobs'); options given here win.")] = None,
+    ledger: Annotated[Optional[Path], typer.Option(help="Run ledger, SQLite (default: OUT/ledger.sqlite).")] = None,
+    report: Annotated[str, typer.Option(help="Reports cover 'all' images the bundle scored so far, or only 'new' ones no finished run reported.")] = "all",
+    rescore: Annotated[bool, typer.Option("--rescore", help="Score every input again, even unchanged ones the ledger holds.")] = False,
+    skip_failed: Annotated[bool, typer.Option("--skip-failed", help="Do not retry inputs that failed before (unless their content changed).")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only retry inputs that failed before; score nothing new.")] = False,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for another run holding the ledger before giving up (exit 5).")] = 0.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary; only failures go to stderr.")] = False,
+    log_json: Annotated[Optional[Path], typer.Option(help="Append JSON-lines events (run start/end, batch commits, failures) here.")] = None,
     engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; needs dermscore[ray], see README).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else Ray on this machine).")] = None,
     replicas: Annotated[int, typer.Option(help="With --engine ray: model actors, each holding the whole ensemble.")] = 1,
@@ -55,28 +67,52 @@ def run(
 
     Example: dermscore run examples/ --out results --metadata HAM10000_metadata.csv --thumbnails
     """
+    from dataclasses import replace
+
     from dermscore.aggregate import Thresholds
+    from dermscore.config import load_job
     from dermscore.engines import RayOptions
     from dermscore.run import RunOptions
     from dermscore.run import run as run_job
 
-    given = {"malignant": malignant_threshold, "review": review_threshold, "disagreement": disagreement_threshold}
+    threshold_options = {"malignant": "malignant_threshold", "review": "review_threshold",
+                         "disagreement": "disagreement_threshold"}
+    ray_options = {"address": "ray_address", "replicas": "replicas", "gpus_per_replica": "gpus_per_replica",
+                   "cpus_per_replica": "cpus_per_replica"}
     try:
+        job = load_job(config, RunOptions) if config else {}
         options = RunOptions(
-            inputs=inputs, out=out, model=model, batch_size=batch_size, progress=progress,
-            thresholds=Thresholds(**{k: v for k, v in given.items() if v is not None}),
+            inputs=inputs or [], out=out, model=model, batch_size=batch_size, progress=progress,
+            thresholds=_table(ctx, job.pop("thresholds", Thresholds()), threshold_options),
             lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, pseudonymize=pseudonymize,
             pseudonym_key_file=pseudonym_key_file, overwrite=overwrite, lesion_attribute=lesion_attribute,
-            engine=engine, ray=RayOptions(ray_address, replicas, gpus_per_replica, cpus_per_replica),
+            engine=engine, ray=_table(ctx, job.pop("ray", RayOptions()), ray_options),
+            ledger=ledger, report=report, rescore=rescore, skip_failed=skip_failed, retry_failed=retry_failed,
+            wait=wait, quiet=quiet, log_json=log_json,
         )
+        # the job file fills in what the command line left at its default
+        options = replace(options, **{k: v for k, v in job.items() if not _on_command_line(ctx, k)})
         summary = run_job(options)
     except DermscoreError as exc:
         _fail(exc)
+    if summary.interrupted:
+        typer.echo(
+            f"interrupted: the {summary.scored} image(s) this run scored are saved in the ledger {summary.ledger}. "
+            "Run the same command again to resume; reports are written when a run completes.",
+            err=True,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if options.quiet:
+        if summary.failures:
+            typer.echo(f"{len(summary.failures)} input(s) failed; see {summary.out / 'errors.csv'}", err=True)
+            raise typer.Exit(EXIT_SOME_FAILED)
+        return
     if summary.out != out:
         typer.echo(f"{out} already holds reports; wrote this run's reports to {summary.out} (--overwrite replaces them)")
     typer.echo(
         f"scored {summary.scored} image(s) with {summary.bundle.name} {summary.bundle.version}; "
-        f"{len(summary.failures)} input(s) failed; reports in {summary.out}"
+        f"{len(summary.failures)} input(s) failed; {summary.skipped} unchanged input(s) already in the ledger "
+        f"skipped; reports in {summary.out}"
     )
     if summary.not_images:
         typer.echo(f"skipped {summary.not_images} non-image DICOM object(s) (reports, presentation states, DICOMDIRs)")
@@ -84,6 +120,19 @@ def run(
     if summary.failures:
         typer.echo(f"see {summary.out / 'errors.csv'} for the inputs that could not be scored", err=True)
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _on_command_line(ctx: typer.Context, name: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _table(ctx: typer.Context, base: T, fields: dict[str, str]) -> T:
+    """A job file's table (or the default) with each field given on the command line (field -> option) replaced."""
+    from dataclasses import replace
+
+    return replace(base, **{field: ctx.params[name] for field, name in fields.items() if _on_command_line(ctx, name)})
 
 
 @app.command()

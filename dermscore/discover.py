@@ -112,6 +112,8 @@ class Discovery:
                 yield from self.file(path, explicit=True)
             elif path.is_symlink():
                 yield Failure(str(path), "discover", link_problem(path))
+            elif path.exists():
+                yield Failure(str(path), "discover", "not a regular file or folder")
             else:
                 yield Failure(str(path), "discover", "no such file or folder")
 
@@ -221,9 +223,10 @@ class Discovery:
         path = root / relative
         if not path.is_file():
             raise InputError("referenced by the DICOMDIR but missing", stage="discover")
+        first_time = self.claim(path)  # refused or not, the walk must not take it up again
         if not path.resolve().is_relative_to(root.resolve()):
             raise InputError("refused: the referenced file links outside the DICOMDIR's folder", stage="discover")
-        if not self.claim(path):
+        if not first_time:
             return None
         return file_source(path, "dicomdir-ref", self.lesion_attribute)
 
