@@ -75,6 +75,7 @@ class RunSummary:
     bundle: Bundle
     out: Path
     scored: int = 0  # images scored by this run
+    device: str = ""  # cpu | gpu where this run scored; "" when it scored nothing new
     failures: list[Failure] = field(default_factory=list)  # inputs that failed in this run
     skipped: int = 0  # inputs the ledger already holds with unchanged content
     not_images: int = 0  # DICOM objects set aside as non-images (SR, presentation states, DICOMDIR)
@@ -161,10 +162,12 @@ def _score_into_ledger(
     if options.engine == "ray":
         from dermscore.engines.ray import score_on_ray  # Ray is imported only by runs that ask for it
 
-        batch_size = options.batch_size or default_batch_size(options.ray.device)
+        summary.device = options.ray.device
+        batch_size = options.batch_size or default_batch_size(summary.device)
         results = score_on_ray(sources, bundle, batch_size, runtime, options.ray, options.thumbnails)
     else:
-        predictor = Predictor(bundle, options.batch_size or default_batch_size(configure(runtime)), runtime)
+        summary.device = configure(runtime)
+        predictor = Predictor(bundle, options.batch_size or default_batch_size(summary.device), runtime)
         batch_size = predictor.batch_size
         results = score(sources, predictor, thumbnails=options.thumbnails)
     recorder = ledger.recorder(summary.run_id, bundle.identity)
@@ -220,6 +223,6 @@ def _report(
     info = RunInfo(started=started, finished=datetime.now(timezone.utc), command_line=shlex.join(sys.argv),
                    inputs=[str(Path(p).resolve()) for p in options.inputs], thresholds=options.thresholds,
                    lesion_maps=[f"{m.kind}: {m.path}" for m in lesion_maps], pseudonymized=key is not None,
-                   **environment())
+                   **environment(summary.device, options.engine))
     failures = ledger.failures(bundle.identity, new_only)
     summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import platform
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib import metadata
 
 from dermscore import __version__
 from dermscore.aggregate import Thresholds
+from dermscore.runtime import device_description
 
 DISCLAIMER = "Results are decision support for research, not a diagnosis."
 
@@ -33,15 +35,26 @@ class RunInfo:
         return max((self.finished - self.started).total_seconds(), 0.0)
 
 
-def environment() -> dict[str, str]:
-    """Device and framework versions; call after the model is loaded (TensorFlow is imported by then)."""
-    import keras
-    import tensorflow as tf
+def environment(device: str, engine: str = "local") -> dict[str, str]:
+    """Device and framework versions for the Run sheet, without importing TensorFlow when the run did not.
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
-        device = "GPU: " + ", ".join(names)
+    ``device`` is 'cpu' or 'gpu' as chosen by ``dermscore.runtime``, or '' when the run scored nothing new
+    (its reports then come from the ledger alone).
+    """
+    if not device:
+        described = "none: this run scored no new images"
+    elif engine == "local":
+        described = device_description(device)
     else:
-        device = f"CPU ({platform.machine() or 'unknown architecture'})"
-    return {"device": device, "tensorflow_version": tf.__version__, "keras_version": keras.__version__}
+        described = f"{engine} workers ({device})"
+    return {"device": described, "tensorflow_version": _version("tensorflow"), "keras_version": _version("keras")}
+
+
+def _version(package: str) -> str:
+    module = sys.modules.get(package)
+    if module is not None:
+        return str(getattr(module, "__version__", "unknown"))
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
