@@ -123,9 +123,9 @@ def run(
 
 
 def _on_command_line(ctx: typer.Context, name: str) -> bool:
-    from click.core import ParameterSource
-
-    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    """Given by the user rather than left at its default (by name: Typer may bundle its own Click)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def _table(ctx: typer.Context, base: T, fields: dict[str, str]) -> T:

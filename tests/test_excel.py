@@ -228,3 +228,31 @@ def test_pseudonymize_with_a_key_file_hashes_lesion_ids_and_says_so(
     assert sorted(lesions["lesion_id"]) == sorted(pseudonym(lesion, key) for lesion in report["lesions"])
     items = {r[0].value: r[1].value for r in load_workbook(tmp_path / "out" / "report.xlsx")["Run"].iter_rows()}
     assert items["Patient identifiers pseudonymised"].startswith("yes")
+
+
+def test_dicom_series_are_lesions_and_hostile_dicom_attributes_arrive_as_text(
+    small_bundle: Path, tmp_path: Path
+) -> None:
+    from dicom_fixtures import load_rgb, native
+
+    rgb = load_rgb(SMALL_200 / "images" / f"{next(iter(pick_lesions().values()))[0]}.jpg")
+    hostile = {"patient": '=HYPERLINK("http://x")', "series": "1.2.3.4.5", "date": "20240131"}
+    native(rgb, tmp_path / "in" / "a.dcm", **hostile)
+    native(rgb, tmp_path / "in" / "b.dcm", **hostile)
+    native(rgb, tmp_path / "in" / "frames.dcm", frames=2, patient="+PAT", series="1.2.3.9")
+    result = runner.invoke(app, ["run", str(tmp_path / "in"), "--model", str(small_bundle),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    wb = load_workbook(tmp_path / "out" / "report.xlsx")
+    lesions = pd.read_excel(tmp_path / "out" / "report.xlsx", sheet_name="Lesions").set_index("lesion_id")
+    assert dict(lesions["n_images"]) == {"1.2.3.4.5": 2, "1.2.3.9": 2}  # two files; two frames
+    assert set(lesions["lesion_source"]) == {"dicom"}
+    assert lesions.loc["1.2.3.4.5", "patient_id"] == "'" + hostile["patient"]
+    ws = wb["Images"]
+    header = [c.value for c in ws[1]]
+    patients = [row[header.index("patient_id")] for row in ws.iter_rows(min_row=2)]
+    assert sorted(c.value for c in patients) == sorted(["'+PAT"] * 2 + ["'" + hostile["patient"]] * 2)
+    assert all(c.data_type == "s" for c in patients)
+    images = pd.read_csv(tmp_path / "out" / "images.csv", dtype=str)
+    assert set(images["series_instance_uid"]) == {"1.2.3.4.5", "1.2.3.9"}
+    assert set(images["modality"]) == {"XC"} and set(images["study_date"]) == {"20240131"}
