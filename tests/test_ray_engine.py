@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import ray
+from typer.testing import CliRunner
 
 from conftest import SMALL_200
 from dermscore.bundle import Bundle, load_bundle
+from dermscore.cli import app
 from dermscore.discover import discover
 from dermscore.engines import RayOptions
 from dermscore.engines.ray import CRASH_MARKER_ENV, score_on_ray
@@ -115,3 +120,23 @@ def test_bad_resources_are_usage_errors_before_any_work() -> None:
         RayOptions(replicas=0)
     with pytest.raises(UsageError, match="--gpus-per-replica"):
         RayOptions(gpus_per_replica=-1)
+
+
+def test_cli_engine_ray_writes_the_same_reports_as_the_local_engine(
+    small_bundle: Path, mixed_folder: Path, tmp_path: Path
+) -> None:
+    tables = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        result = CliRunner().invoke(app, ["run", str(mixed_folder), "--model", str(small_bundle), "--out", str(out),
+                                          "--batch-size", str(BATCH), "--engine", engine, "--replicas", "1"])
+        assert result.exit_code == 3, result.output  # some inputs failed, as they should
+        tables[engine] = {name: pd.read_csv(out / name) for name in ("images.csv", "errors.csv")}
+    assert len(tables["ray"]["images.csv"]) == 12
+    for name in ("images.csv", "errors.csv"):
+        pd.testing.assert_frame_equal(tables["ray"][name], tables["local"][name], atol=1e-5)
+
+
+def test_the_local_engine_never_imports_ray() -> None:
+    code = "import sys, dermscore.cli, dermscore.run, dermscore.engines; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
