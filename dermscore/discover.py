@@ -57,7 +57,8 @@ def is_candidate(path: Path) -> bool:
 
 def is_hidden(name: str) -> bool:
     """Dotfiles and macOS resource forks (``._x.jpg``, ``__MACOSX/``): copies' debris, never images."""
-    return any(part.startswith(".") or part == "__MACOSX" for part in PurePosixPath(name).parts)
+    return any((part.startswith(".") and part not in (".", "..")) or part == "__MACOSX"
+               for part in PurePosixPath(name).parts)
 
 
 def format_of(name: str, head: bytes) -> str | None:
