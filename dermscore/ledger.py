@@ -240,9 +240,9 @@ class Ledger:
 class Recorder:
     """Collects results and writes them to the ledger one transaction per batch.
 
-    Frames of one source arrive contiguously but may straddle two batches, so a source is "open"
-    until a result for another source (or the end of the stream, ``commit(final=True)``) shows it is complete;
-    only then is its ``scored`` row written. Opening a source first deletes its old rows, so changed
+    Frames of one source arrive contiguously but may straddle two batches, so a multi-frame source is
+    "open" until a result for another source (or the end of the stream, ``commit(final=True)``) shows it
+    is complete; only then is its ``scored`` row written (a single-image file, frame None, at once). Opening a source first deletes its old rows, so changed
     content never leaves stale frames behind.
     """
 
@@ -300,6 +300,8 @@ class Recorder:
                 )
                 self.open_frames += 1
                 images += 1
+                if ref.frame is None:  # a single-image file is complete at once
+                    self._close(now)
             if final:
                 self._close(now)
             pause_point("commit")
