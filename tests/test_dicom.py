@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -25,6 +26,7 @@ from conftest import SMALL_200
 from dermscore.decode import decode_source
 from dermscore.decode.dicom import check_lesion_attribute, sop_class_skip_reason
 from dermscore.discover import file_source
+from dermscore.cli import app
 from dermscore.errors import InputError, UsageError
 
 Writer = Callable[[np.ndarray, Path], np.ndarray]
@@ -186,3 +188,10 @@ def test_dicom_written_by_dcmtk_img2dcm_decodes_to_the_jpeg_it_wraps(tmp_path: P
         subprocess.run([tool, *options, str(plain), str(out)], check=True, capture_output=True)
         np.testing.assert_array_equal(decode(out)[0].rgb, reference, err_msg=f"{tool} {options}")
 
+
+
+def test_cli_refuses_an_unknown_lesion_attribute_before_any_work(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      "--lesion-attribute", "SeriesUID"])
+    assert result.exit_code == 2
+    assert "'SeriesUID' is not a DICOM keyword" in result.output

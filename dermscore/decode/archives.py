@@ -26,7 +26,8 @@ class ZipArchive:
     """One open zip: its member list, the guards, and thread-safe member reads for Sources.
 
     ``zipfile`` serialises access to the underlying file, so decode threads can read members of one
-    archive concurrently through a single open handle.
+    archive concurrently through a single open handle. Pickling drops the handle and the copy reopens
+    the archive, so zip-member Sources can travel to other processes (the Ray engine).
     """
 
     def __init__(
@@ -53,6 +54,13 @@ class ZipArchive:
                 stage="discover",
             )
         self.names = {i.filename: i for i in self.members}
+
+    def __getstate__(self) -> dict[str, object]:
+        return {key: value for key, value in self.__dict__.items() if key != "_zip"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._zip = zipfile.ZipFile(self.path)
 
     def location(self, name: str) -> str:
         return f"{self.path}!{name}"
