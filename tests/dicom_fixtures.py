@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -42,6 +43,16 @@ SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
 MULTIFRAME_TRUE_COLOR_SC = UID("1.2.840.10008.5.1.4.1.1.7.4")
 BASIC_TEXT_SR = UID("1.2.840.10008.5.1.4.1.1.88.11")
 GRAYSCALE_PR = UID("1.2.840.10008.5.1.4.1.1.11.1")
+
+
+def real_jpegs(count: int) -> list[Path]:
+    """The first ``count`` real HAM10000 JPEGs (200x150, small so tests stay fast); fails loudly without them."""
+    from conftest import SMALL_200
+
+    images = sorted((SMALL_200 / "images").glob("*.jpg"))[:count]
+    if len(images) < count:
+        pytest.fail(f"real data missing: expected {count} JPEGs in {SMALL_200 / 'images'}")
+    return images
 
 
 def load_rgb(path: Path) -> np.ndarray:

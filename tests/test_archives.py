@@ -17,7 +17,6 @@ from pydicom.uid import UID
 from typer.testing import CliRunner
 
 import dicom_fixtures as fx
-from conftest import SMALL_200
 from dermscore.cli import app
 from dermscore.decode import decode_source
 from dermscore.decode.archives import ZipArchive
@@ -30,10 +29,7 @@ BOMB_BYTES = 24 * 2**20  # zeros: deflate shrinks them about 1000:1
 
 @pytest.fixture(scope="module")
 def jpegs() -> list[Path]:
-    images = sorted((SMALL_200 / "images").glob("*.jpg"))[:6]
-    if len(images) < 6:
-        pytest.fail(f"real data missing: expected JPEGs in {SMALL_200 / 'images'}")
-    return images
+    return fx.real_jpegs(6)
 
 
 def make_zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> Path:

@@ -22,7 +22,6 @@ from pydicom.uid import (
 )
 
 import dicom_fixtures as fx
-from conftest import SMALL_200
 from dermscore.decode import decode_source
 from dermscore.decode.dicom import check_lesion_attribute, sop_class_skip_reason
 from dermscore.discover import file_source
@@ -34,10 +33,7 @@ Writer = Callable[[np.ndarray, Path], np.ndarray]
 
 @pytest.fixture(scope="module")
 def source_rgb() -> np.ndarray:
-    images = sorted((SMALL_200 / "images").glob("*.jpg"))
-    if not images:
-        pytest.fail(f"real data missing: expected JPEGs in {SMALL_200 / 'images'}")
-    return fx.load_rgb(images[0])
+    return fx.load_rgb(fx.real_jpegs(1)[0])
 
 
 def decode(path: Path, lesion_attribute: str = "SeriesInstanceUID") -> list:
@@ -172,7 +168,7 @@ def test_dicom_written_by_dcmtk_img2dcm_decodes_to_the_jpeg_it_wraps(tmp_path: P
     then re-encoded by dcmtk itself as JPEG lossless, JPEG-LS and RLE."""
     if shutil.which("img2dcm") is None:
         pytest.skip("dcmtk is not installed (apt-get install dcmtk): no third-party DICOM writer")
-    jpeg = sorted((SMALL_200 / "images").glob("*.jpg"))[1]
+    jpeg = fx.real_jpegs(2)[1]
     wrapped = tmp_path / "img2dcm.dcm"
     subprocess.run(["img2dcm", str(jpeg), str(wrapped)], check=True, capture_output=True)
     frame = decode(wrapped)[0]

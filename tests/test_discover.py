@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import dicom_fixtures as fx
-from conftest import SMALL_200
 from dermscore.decode import decode_source
 from dermscore.discover import discover
 from dermscore.errors import InputError
@@ -20,10 +19,7 @@ from dermscore.records import Failure, Skipped, Source
 
 @pytest.fixture(scope="module")
 def jpegs() -> list[Path]:
-    images = sorted((SMALL_200 / "images").glob("*.jpg"))[:4]
-    if len(images) < 4:
-        pytest.fail(f"real data missing: expected JPEGs in {SMALL_200 / 'images'}")
-    return images
+    return fx.real_jpegs(4)
 
 
 def split(items: list) -> tuple[list[Source], list[Skipped], list[Failure]]:
