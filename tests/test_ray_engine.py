@@ -26,7 +26,7 @@ from dermscore.cli import app
 from dermscore.discover import discover
 from dermscore.engines import RayOptions
 from dermscore.engines.ray import CRASH_MARKER_ENV, score_on_ray
-from dermscore.errors import UsageError
+from dermscore.errors import BundleError, UsageError
 from dermscore.infer import Predictor, score
 from dermscore.records import Failure, Scored
 
@@ -56,7 +56,7 @@ def bundle(small_bundle: Path) -> Bundle:
 
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real HAM10000 images, some in a zip (whose sources cannot be pickled), and three bad inputs."""
+    """Real HAM10000 images, some in a zip (whose sources cannot be pickled), and four bad inputs."""
     images = sorted((SMALL_200 / "images").glob("*.jpg"))[:12]
     assert len(images) == 12, f"real data missing under {SMALL_200 / 'images'}"
     folder = tmp_path_factory.mktemp("mixed")
@@ -65,6 +65,11 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with zipfile.ZipFile(folder / "export.zip", "w") as archive:
         for image in images[9:]:
             archive.write(image, f"lesions/{image.name}")
+    with zipfile.ZipFile(folder / "damaged.zip", "w") as archive:  # stored, so one flipped byte fails the CRC
+        archive.write(images[0], "damaged.jpg")
+    damaged = bytearray((folder / "damaged.zip").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (folder / "damaged.zip").write_bytes(bytes(damaged))
     data = images[0].read_bytes()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (folder / "not-an-image.jpg").write_bytes(b"patient notes, not pixels\n" * 20)
@@ -96,8 +101,9 @@ def test_same_records_as_the_local_engine(bundle: Bundle, mixed_folder: Path, lo
     results = list(score_on_ray(discover([mixed_folder]), bundle, BATCH, options=RayOptions(replicas=1)))
 
     scored, failed = split(results)
-    assert len(scored) == 12 and len(failed) == 3
+    assert len(scored) == 12 and len(failed) == 4
     assert any("!lesions/" in s.ref.location for s in scored)  # zip members travelled as bytes
+    assert any("damaged.zip!" in f.location and f.stage == "read" for f in failed)  # ... or as their read error
     assert {f.stage for f in failed} == {"read", "decode"}
     assert_same_records(results, local_results)
 
@@ -113,6 +119,18 @@ def test_a_model_actor_killed_mid_run_costs_no_image_and_repeats_none(
     counts = Counter(r.ref.location if isinstance(r, Scored) else r.location for r in results)
     assert counts and set(counts.values()) == {1}
     assert_same_records(results, local_results)
+
+
+def test_a_node_whose_bundle_copy_differs_stops_the_run_with_the_bundle_error(
+    small_bundle: Path, mixed_folder: Path, tmp_path: Path
+) -> None:
+    copy = shutil.copytree(small_bundle, tmp_path / "bundle")
+    bundle = load_bundle(copy)  # verified here, on the driver ...
+    weights = copy / bundle.members[0].file
+    weights.write_bytes(weights.read_bytes() + b"changed on the node")  # ... then changed under the workers
+
+    with pytest.raises(BundleError, match="does not match"):
+        list(score_on_ray(discover([mixed_folder]), bundle, BATCH))
 
 
 def test_bad_resources_are_usage_errors_before_any_work() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -66,10 +67,9 @@ def score_on_ray(
     try:
         rows = _pipeline(ray, items, bundle, batch_size, runtime, options, thumbnails)
         yield from _gather(rows, items, bundle)
-    except Exception as exc:  # Ray wraps worker errors; surface ours, and name the engine for the rest
-        cause = _dermscore_cause(exc)
-        if cause is not None:
-            raise cause from exc
+    except DermscoreError:
+        raise
+    except Exception as exc:  # Ray's own failures (cluster lost, retries spent), put in the user's terms
         raise EngineError(
             f"the Ray run failed: {type(exc).__name__}: {exc}. Check `ray status` and the worker logs; "
             "inputs already scored are in the ledger, so a rerun skips them."
@@ -83,18 +83,27 @@ class EnsembleActor:
     """Ray Data's callable class: one ``Predictor`` per actor, failure rows passed through unscored."""
 
     def __init__(self, bundle: Bundle, batch_size: int, runtime: Runtime) -> None:
-        # Workers read the bundle at the driver's path; a stale or different copy on a node is refused.
-        verify_bundle(bundle)
         self.members = bundle.members
         self.classes = len(bundle.classes)
-        self.predictor = Predictor(bundle, batch_size, runtime)
         self.crash_marker = os.environ.get(CRASH_MARKER_ENV)
         self.calls = 0
+        self.unusable: DermscoreError | None = None
+        try:
+            # Workers read the bundle at the driver's path; a stale or different copy on a node is refused.
+            verify_bundle(bundle)
+            self.predictor = Predictor(bundle, batch_size, runtime)
+        except DermscoreError as exc:
+            # Ray hands a worker's exception to the driver as text only; sent back as each row's record
+            # it arrives intact, and the driver raises it (so `dermscore` exits with its code).
+            self.unusable = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._crash_if_asked()
-        ok = batch["ok"].astype(bool)
         out = {key: batch[key] for key in ("index", "frame", "ok", "record")}
+        if self.unusable is not None:
+            out["ok"] = np.zeros(len(batch["ok"]), dtype=bool)
+            out["record"] = np.array([pickle.dumps(self.unusable)] * len(batch["ok"]), dtype=object)
+        ok = out["ok"].astype(bool)
         predicted = self.predictor({m.name: batch[INPUT + m.name][ok] for m in self.members}) if ok.any() else {}
         for member in self.members:
             probabilities = np.zeros((len(ok), self.classes), dtype=np.float64)
@@ -145,18 +154,22 @@ def _pipeline(
 ) -> Iterator[dict[str, Any]]:
     blocks = [ray.put(block) for block in _input_blocks(items, rows_per_block=batch_size)]
     ds = ray.data.from_arrow_refs(blocks)
-    ds = ds.flat_map(decode_row, fn_kwargs={"bundle": bundle, "thumbnails": thumbnails}, max_retries=MAX_RETRIES)
-    ds = ds.map_batches(
-        EnsembleActor,
-        fn_constructor_kwargs={"bundle": bundle, "batch_size": batch_size, "runtime": runtime},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=options.replicas),
-        num_cpus=options.cpus_per_replica,
-        num_gpus=options.gpus_per_replica,
-        max_restarts=MAX_RETRIES,
-        max_task_retries=MAX_RETRIES,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates retry limits given as remote args and offers no other way to bound them;
+        # bounded retries matter more than the warning (pyproject keeps Ray below their removal).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.flat_map(decode_row, fn_kwargs={"bundle": bundle, "thumbnails": thumbnails}, max_retries=MAX_RETRIES)
+        ds = ds.map_batches(
+            EnsembleActor,
+            fn_constructor_kwargs={"bundle": bundle, "batch_size": batch_size, "runtime": runtime},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=options.replicas),
+            num_cpus=options.cpus_per_replica,
+            num_gpus=options.gpus_per_replica,
+            max_restarts=MAX_RETRIES,
+            max_task_retries=MAX_RETRIES,
+        )
     ds.context.execution_options.preserve_order = True  # reports list images in discovery order
     ds.context.enable_progress_bars = False  # the CLI draws its own
     return ds.iter_rows()
@@ -240,6 +253,8 @@ def _gather(
         seen.add((index, frame))
         arrived.add(index)
         record = pickle.loads(row["record"])
+        if isinstance(record, DermscoreError):
+            raise record  # the model actor could not load the bundle
         if isinstance(record, Failure):
             yield record
         else:
@@ -273,22 +288,3 @@ def _connect(ray: Any, address: str | None) -> bool:
         ) from exc
     return True
 
-
-def _dermscore_cause(exc: BaseException) -> DermscoreError | None:
-    """Our own error behind Ray's wrappers (e.g. a BundleError raised while an actor loaded the bundle).
-
-    Ray re-raises a worker's exception as a RayTaskError that keeps the original in ``cause``;
-    that original, not the wrapper (whose text is a remote traceback), is what the CLI should print.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        inner = getattr(current, "cause", None)
-        if isinstance(inner, BaseException):
-            current = inner
-            continue
-        if isinstance(current, DermscoreError):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
