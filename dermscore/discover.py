@@ -200,7 +200,7 @@ class Discovery:
         from dermscore.decode.dicom import fileset_references
 
         try:
-            references = fileset_references(read(), location)
+            references = fileset_references(read())
         except (InputError, OSError) as exc:
             yield Failure(location, "discover", str(exc))
             return

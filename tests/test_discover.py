@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,26 @@ def test_dicomdir_references_are_scored_once_and_escapes_are_refused(jpegs: list
     # given the DICOMDIR file itself, the same file-set
     again, _, _ = split(list(discover([media / "DICOMDIR"])))
     assert [s.location for s in again] == [s.location for s in sources]
+
+
+def test_a_dicomdir_written_by_dcmtk_is_read_as_a_file_set(jpegs: list[Path], tmp_path: Path) -> None:
+    """Another tool's file-set (dcmtk's img2dcm, dcmodify and dcmmkdir; Debian package ``dcmtk``)."""
+    if shutil.which("dcmmkdir") is None:
+        pytest.skip("dcmtk is not installed (apt-get install dcmtk): no third-party DICOMDIR writer")
+    (tmp_path / "IMAGES").mkdir()
+    for i, jpeg in enumerate(jpegs[:2], start=1):
+        subprocess.run(["img2dcm", str(jpeg), f"IMAGES/IM{i}"], cwd=tmp_path, check=True, capture_output=True)
+    identity = ["-i", "(0008,0060)=XC", "-i", "(0010,0020)=P1", "-i", "(0020,0010)=1", "-i", "(0020,0011)=1",
+                "-i", "(0020,0013)=1"]  # what the General Purpose USB profile requires and img2dcm leaves out
+    subprocess.run(["dcmodify", "-nb", *identity, "IMAGES/IM1", "IMAGES/IM2"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    subprocess.run(["dcmmkdir", "+r", "-Pfl", "+I", "IMAGES/"], cwd=tmp_path, check=True, capture_output=True)
+    sources, skipped, failures = split(list(discover([tmp_path])))
+    assert sorted((Path(s.location).name, s.kind) for s in sources) == [("IM1", "dicomdir-ref"), ("IM2", "dicomdir-ref")]
+    assert [Path(s.location).name for s in skipped] == ["DICOMDIR"] and failures == []
+    for source in sources:
+        number = int(Path(source.location).name[-1])
+        np.testing.assert_array_equal(decode_source(source)[0].rgb, fx.load_rgb(jpegs[number - 1]))
 
 
 def test_each_file_is_listed_once_across_overlapping_inputs_and_links(jpegs: list[Path], tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import posixpath
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,23 +97,28 @@ class Reference:
     skip_reason: str | None
 
 
-def fileset_references(data: bytes, location: str) -> list[Reference]:
+def fileset_references(data: bytes) -> list[Reference]:
     """Every referenced file in a DICOMDIR, in record order; the caller resolves them and refuses escapes."""
     try:
         ds = dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
         raise InputError(f"unreadable DICOMDIR: {exc}", stage="discover") from exc
+    if "DirectoryRecordSequence" not in ds:
+        raise InputError("not a DICOMDIR: it has no directory records", stage="discover")
     references = []
-    for record in ds.get("DirectoryRecordSequence", []):
+    for record in ds.DirectoryRecordSequence:
         file_id = record.get("ReferencedFileID")
         if not file_id:
-            continue
-        parts = [str(part) for part in file_id] if isinstance(file_id, Sequence) and not isinstance(file_id, str) else [str(file_id)]
+            continue  # patient, study and series records reference no file
+        parts = [file_id] if isinstance(file_id, str) else list(file_id)
+        path = posixpath.normpath("/".join(str(p).replace("\\", "/") for p in parts))
         sop_class = str(record.get("ReferencedSOPClassUIDInFile", ""))
-        references.append(Reference(posixpath.normpath("/".join(p.replace("\\", "/") for p in parts)),
-                                    sop_class_skip_reason(sop_class) if sop_class else None))
-    if "DirectoryRecordSequence" not in ds:
-        raise InputError(f"{location} is not a DICOMDIR (no directory records)", stage="discover")
+        record_type = str(record.get("DirectoryRecordType", ""))
+        if sop_class:
+            skip_reason = sop_class_skip_reason(sop_class)
+        else:
+            skip_reason = None if record_type == "IMAGE" else f"not an image: DICOMDIR {record_type} record"
+        references.append(Reference(path, skip_reason))
     return references
 
 
