@@ -131,3 +131,12 @@ def test_hostile_dicom_attributes_and_names_arrive_as_text_in_csv_and_xlsx(tmp_p
     assert "ctrl\ufffdname.jpg" in {c.value for c in texts}  # XML cannot hold \x01; it is replaced, not lost
     sheet = pd.read_excel(folder / "report.xlsx", sheet_name="Images", dtype=str)
     assert sheet.loc[0, "body_site"] == "'" + HOSTILE[3]
+
+
+def test_a_run_where_everything_failed_still_gets_a_complete_workbook(tmp_path: Path) -> None:
+    folder = write_reports(tmp_path, BUNDLE, [], [Failure("/d/x.jpg", "decode", "corrupt")], run_info())
+    wb = load_workbook(folder / "report.xlsx")
+    assert wb.sheetnames == ["Summary", "Lesions", "Images", "Errors", "Run"]
+    assert wb["Images"].max_row == 1 and not list(wb["Images"].conditional_formatting)
+    assert [c.value for c in wb["Errors"][2]] == ["/d/x.jpg", "decode", "corrupt"]
+    assert pd.read_csv(folder / "lesions.csv").empty
