@@ -121,3 +121,12 @@ review = 0.0
     assert sorted(Path(s).name for s in table["source"]) == sorted(p.name for p in images.iterdir())
     # malignant 0.0 from the job file flags every image; review 1.0 from the command line flags every image
     assert all(flags.split(";") == ["malignant", "review"] for flags in table["flags"])
+
+
+def test_the_example_job_file_is_valid(tmp_path: Path) -> None:
+    from conftest import REPO
+
+    values = load_job(REPO / "examples" / "job.toml", RunOptions)
+    assert values["inputs"] == [Path("/srv/dermscore/incoming")]
+    assert values["thresholds"] == Thresholds()  # the example shows the defaults
+    RunOptions(**values).selection()  # every key is a real option
