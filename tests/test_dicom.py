@@ -23,7 +23,7 @@ from pydicom.uid import (
 
 import dicom_fixtures as fx
 from dermscore.decode import decode_source
-from dermscore.decode.dicom import check_lesion_attribute, sop_class_skip_reason
+from dermscore.decode.dicom import check_lesion_attribute, decode_dicom, sop_class_skip_reason
 from dermscore.discover import file_source
 from dermscore.cli import app
 from dermscore.errors import InputError, UsageError
@@ -141,6 +141,8 @@ def test_bad_dicom_objects_fail_with_plain_reasons(source_rgb: np.ndarray, tmp_p
     no_pixels = fx.non_image(tmp_path / "sr.dcm")
     unsupported = fx.encapsulated([b"\x00\x00\x01\xb3" + bytes(60)], dcmread(good), tmp_path / "mpeg.dcm",
                                   UID("1.2.840.10008.1.2.4.100"))  # MPEG2 video
+    too_many_frames = tmp_path / "frames.dcm"
+    fx.native(source_rgb, too_many_frames, frames=5)
     header_only = tmp_path / "header.dcm"
     header_only.write_bytes(good.read_bytes()[:300])
     expectations = {
@@ -152,6 +154,11 @@ def test_bad_dicom_objects_fail_with_plain_reasons(source_rgb: np.ndarray, tmp_p
     for path, reason in expectations.items():
         with pytest.raises(InputError, match=reason):
             decode(path)
+    pixels = source_rgb.shape[0] * source_rgb.shape[1]
+    with pytest.raises(InputError, match="over the .* pixel cap for one object"):
+        decode_dicom(str(too_many_frames), too_many_frames.read_bytes(), "sha", max_pixels=pixels)  # 5 frames > 4 x 1
+    with pytest.raises(InputError, match="pixel cap .possible decompression bomb"):
+        decode_dicom(str(too_many_frames), too_many_frames.read_bytes(), "sha", max_pixels=pixels - 1)
 
 
 def test_non_image_sop_classes_are_recognised_and_image_classes_are_not() -> None:

@@ -47,6 +47,9 @@ IDENTITY = {
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")  # pydicom's decoders deliver these as RGB
 
+# All frames of an object are decoded together (decode returns them as one list): cap their sum too.
+FRAMES_PIXEL_FACTOR = 4
+
 jpeg_plugin.register()
 
 
@@ -168,6 +171,12 @@ def _check_decodable(ds: Dataset, max_pixels: int) -> int:
         )
     if rows * columns == 0:
         raise InputError("DICOM object declares an empty image (Rows or Columns is 0)", stage="decode")
+    if frames * rows * columns > FRAMES_PIXEL_FACTOR * max_pixels:
+        raise InputError(
+            f"{frames} frames of {columns}x{rows} are {frames * rows * columns:,} pixels, over the "
+            f"{FRAMES_PIXEL_FACTOR * max_pixels:,} pixel cap for one object (all its frames are held at once)",
+            stage="decode",
+        )
     return frames
 
 
