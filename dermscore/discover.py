@@ -197,14 +197,14 @@ class Discovery:
 
     def fileset(self, location: str, read: Callable[[], bytes], locate: Callable[[str], Source | None]) -> Iterator[Item]:
         """A DICOMDIR's referenced files, each claimed so the walk does not score it again."""
-        from dermscore.decode.dicom import fileset_references
+        from dermscore.decode.dicom import MEDIA_STORAGE_DIRECTORY, fileset_references, sop_class_skip_reason
 
         try:
             references = fileset_references(read())
         except (InputError, OSError) as exc:
             yield Failure(location, "discover", str(exc))
             return
-        yield Skipped(location, "DICOMDIR file-set index (its referenced images are scored)")
+        yield Skipped(location, sop_class_skip_reason(MEDIA_STORAGE_DIRECTORY) or "")
         for reference in references:
             where = f"{location} -> {reference.path}"
             if escapes(reference.path):
