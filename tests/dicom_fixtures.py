@@ -22,18 +22,13 @@ from pydicom.pixels import convert_color_space
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
     generate_uid,
 )
 
