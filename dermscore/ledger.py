@@ -253,7 +253,7 @@ class Recorder:
         self.results: list[Scored | Failure] = []
         self.batches = 0
         self.open: tuple[str, str] | None = None  # (location, sha256) of the source being filled
-        self.open_frames = 0
+        self.opened: set[str] = set()  # sources whose old rows this run has already cleared
 
     @property
     def pending(self) -> int:
@@ -288,8 +288,10 @@ class Recorder:
                 ref = result.ref
                 if self.open is None or self.open[0] != ref.location:
                     self._close(now)
-                    self._forget(ref.location)
-                    self.open, self.open_frames = (ref.location, ref.sha256), 0
+                    if ref.location not in self.opened:  # engines yield a source's frames together,
+                        self._forget(ref.location)      # but never drop frames of this run if one did not
+                        self.opened.add(ref.location)
+                    self.open = (ref.location, ref.sha256)
                 db.execute(
                     "INSERT INTO images (bundle, location, frame, sha256, result, thumbnail, run_id, scored_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bundle, location, frame) DO UPDATE SET "
@@ -298,7 +300,6 @@ class Recorder:
                     (self.bundle, ref.location, NO_FRAME if ref.frame is None else ref.frame, ref.sha256,
                      encode_scored(result), ref.thumbnail, self.run_id, now),
                 )
-                self.open_frames += 1
                 images += 1
                 if ref.frame is None:  # a single-image file is complete at once
                     self._close(now)
@@ -320,8 +321,11 @@ class Recorder:
         location, sha = self.open
         self.ledger.db.execute(
             "INSERT INTO inputs (bundle, location, sha256, outcome, frames, run_id, updated_at) "
-            "VALUES (?, ?, ?, 'scored', ?, ?, ?)",
-            (self.bundle, location, sha, self.open_frames, self.run_id, now),
+            "SELECT ?, ?, ?, 'scored', count(*), ?, ? FROM images WHERE bundle = ? AND location = ? "
+            "ON CONFLICT (bundle, location) DO UPDATE SET sha256 = excluded.sha256, outcome = 'scored', "
+            "stage = NULL, reason = NULL, frames = excluded.frames, run_id = excluded.run_id, "
+            "updated_at = excluded.updated_at",
+            (self.bundle, location, sha, self.run_id, now, self.bundle, location),
         )
         self.open = None
 

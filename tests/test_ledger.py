@@ -220,3 +220,14 @@ def test_event_log_appends_one_json_object_per_line(tmp_path: Path) -> None:
     events = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(e["event"], e["batch"], e["location"]) for e in events] == [("batch_commit", 0, "x"), ("batch_commit", 1, "x")]
     assert all(e["time"].endswith("+00:00") for e in events)
+
+
+def test_frames_of_one_source_arriving_apart_are_all_kept(tmp_path: Path) -> None:
+    """Engines yield a source's frames together; if one ever did not, no frame may be dropped."""
+    stream = [scored("x.dcm", "1" * 64, 0), scored("x.dcm", "1" * 64, 1), scored("y.jpg", "2" * 64),
+              scored("x.dcm", "1" * 64, 2)]
+    with open_ledger(tmp_path / "l.sqlite") as ledger:
+        record(ledger, ledger.begin_run(BUNDLE, "test"), stream, batch=2)
+        assert [(s.ref.location, s.ref.frame) for s in ledger.scored(BUNDLE)] == [
+            ("x.dcm", 0), ("x.dcm", 1), ("x.dcm", 2), ("y.jpg", None)]
+        assert ledger.db.execute("SELECT frames FROM inputs WHERE location = 'x.dcm'").fetchone() == (3,)
