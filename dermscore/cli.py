@@ -10,7 +10,7 @@ from typing import Annotated, Optional, TypeVar
 import typer
 
 from dermscore import __version__
-from dermscore.errors import DermscoreError
+from dermscore.errors import DermscoreError, UsageError
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 3
@@ -36,7 +36,10 @@ def run(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Folders and image files to score (or `inputs` in --config).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Bundle folder or name in models/.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reports.")] = Path("dermscore-results"),
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default: 8 on CPU, 32 on GPU).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or gpu; gpu fails clearly when none is found.")] = "auto",
+    precision: Annotated[str, typer.Option(help="float32, or mixed float16/bfloat16 (GPU; see README).")] = "float32",
+    xla: Annotated[bool, typer.Option("--xla/--no-xla", help="Compile the members with XLA.")] = False,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
     lesion_map: Annotated[Optional[Path], typer.Option(help="CSV with columns image,lesion_id: images of one lesion.")] = None,
     metadata: Annotated[Optional[Path], typer.Option(help="HAM10000-style CSV with image_id (file stem) and lesion_id.")] = None,
@@ -83,6 +86,7 @@ def run(
         job = load_job(config, RunOptions) if config else {}
         options = RunOptions(
             inputs=inputs or [], out=out, model=model, batch_size=batch_size, progress=progress,
+            device=device, precision=precision, xla=xla,
             thresholds=_table(ctx, job.pop("thresholds", Thresholds()), threshold_options),
             lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, pseudonymize=pseudonymize,
             pseudonym_key_file=pseudonym_key_file, overwrite=overwrite, lesion_attribute=lesion_attribute,
@@ -171,6 +175,36 @@ def models(
 
 
 @app.command()
+def bench(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders to benchmark on.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Bundle folder or name in models/.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default: per device).")] = None,
+    n_images: Annotated[int, typer.Option("--images", help="Images to score per measurement (inputs are cycled).")] = 64,
+    naive_images: Annotated[int, typer.Option(help="Images for the naive one-at-a-time predict loop.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
+    precision: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    xla: Annotated[bool, typer.Option("--xla/--no-xla", help="Compile the members with XLA.")] = False,
+) -> None:
+    """Measure model-only and end-to-end throughput against this machine's matmul ceiling.
+
+    Example: dermscore bench ../shared/data/ham10000-600x450-sample/images --images 128
+    """
+    from dermscore.bench import run_bench
+    from dermscore.discover import discover
+    from dermscore.records import Source
+    from dermscore.runtime import Runtime
+
+    try:
+        paths = [Path(s.location) for s in discover(images) if isinstance(s, Source)]
+        if not paths:
+            raise UsageError(f"no images found under {', '.join(map(str, images))}")
+        report = run_bench(paths, model, batch_size, n_images, naive_images, Runtime(device, precision, xla))
+    except DermscoreError as exc:
+        _fail(exc)
+    typer.echo(report.table())
+
+
+@app.command()
 def version() -> None:
     """Print the dermscore version.
 
@@ -182,3 +216,7 @@ def version() -> None:
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ chatter out of reports' logs
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -8,12 +8,12 @@ compiled function instead of retracing.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -22,31 +22,46 @@ from dermscore.decode import decode_source
 from dermscore.errors import BundleError, InputError
 from dermscore.preprocess import prepare
 from dermscore.records import Failure, Frame, ImageRef, Scored, Source
+from dermscore.runtime import Runtime, configure, with_precision
 from dermscore.report.thumbnail import make_thumbnail
 
-DEFAULT_BATCH_SIZE = 16
+DEFAULT_BATCH_SIZE = 8
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def load_keras() -> object:
-    """Import Keras quietly; deferred so that `dermscore --help` and listing bundles stay instant."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def load_keras(runtime: Runtime | None = None) -> Any:
+    """Apply the compute settings, then import Keras; deferred so `dermscore --help` stays instant."""
+    configure(runtime or Runtime())
     import keras
 
     return keras
 
 
+def load_member(path: Path, runtime: Runtime) -> Any:
+    """Load one member for inference, converted to the requested precision and optionally XLA-compiled."""
+    keras = load_keras(runtime)
+    model = keras.models.load_model(path, compile=False)
+    if runtime.precision != "float32":
+        converted = keras.Model.from_config(with_precision(model.get_config(), runtime.precision))
+        converted.set_weights(model.get_weights())
+        model = converted
+    if runtime.xla:
+        model.compile(jit_compile=True)
+    return model
+
+
 class Predictor:
     """Every member of a bundle, loaded once; maps member inputs to member probabilities."""
 
-    def __init__(self, bundle: Bundle, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-        keras = load_keras()
+    def __init__(
+        self, bundle: Bundle, batch_size: int = DEFAULT_BATCH_SIZE, runtime: Runtime | None = None
+    ) -> None:
+        self.runtime = runtime or Runtime()
+        self.device = configure(self.runtime)
         self.bundle = bundle
         self.batch_size = batch_size
-        self.models = {
-            m.name: keras.models.load_model(bundle.member_path(m), compile=False) for m in bundle.members
-        }
+        self.models = {m.name: load_member(bundle.member_path(m), self.runtime) for m in bundle.members}
         for member in bundle.members:
             model = self.models[member.name]
             expected = (None, *member.input_size, 3)
