@@ -121,6 +121,17 @@ def test_a_model_actor_killed_mid_run_costs_no_image_and_repeats_none(
     assert_same_records(results, local_results)
 
 
+def test_relative_inputs_resolve_as_on_the_driver(
+    bundle: Bundle, mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(mixed_folder.parent)  # Ray's workers were started in another directory
+
+    scored, failed = split(list(score_on_ray(discover([Path(mixed_folder.name)]), bundle, BATCH)))
+
+    assert len(scored) == 12 and len(failed) == 4
+    assert all(not Path(s.ref.location).is_absolute() for s in scored)  # reports show paths as given
+
+
 def test_a_node_whose_bundle_copy_differs_stops_the_run_with_the_bundle_error(
     small_bundle: Path, mixed_folder: Path, tmp_path: Path
 ) -> None:

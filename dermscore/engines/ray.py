@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ import numpy as np
 from dermscore.bundle import Bundle, verify_bundle
 from dermscore.engines import EngineError, RayOptions
 from dermscore.errors import DermscoreError, UsageError
+from dermscore.discover import read_file
 from dermscore.infer import Predictor, decode_and_prepare
 from dermscore.records import Failure, ImageRef, Scored, Source
 from dermscore.runtime import Runtime
@@ -178,8 +180,8 @@ def _pipeline(
 def _input_blocks(items: list[Source | Failure], rows_per_block: int) -> Iterator[Any]:
     """Arrow tables of (input index, pickled Source), small enough that decode tasks spread out.
 
-    Blocks are built and handed to the object store one at a time, so inputs read on the driver
-    (see ``_portable``) never sit in the driver's memory all at once.
+    Blocks are built and handed to the object store one at a time (it spills to disk when full), so
+    inputs read on the driver (see ``_portable``) never sit in the driver's memory all at once.
     """
     import pyarrow as pa
 
@@ -201,24 +203,23 @@ def _input_blocks(items: list[Source | Failure], rows_per_block: int) -> Iterato
 
 
 def _portable(source: Source) -> bytes:
-    """The Source pickled for a worker; one whose reader cannot travel is read here first.
+    """The Source pickled for a worker: a file travels as its path, anything else as its bytes.
 
-    File sources carry ``partial(read_file, path)`` and travel as they are (the worker reads the
-    path). A zip member's reader holds an open archive, which cannot be pickled: its bytes, or the
-    error reading them gave, travel instead, so the worker's decode reports exactly what the local
-    engine would.
+    Workers read files themselves (so the input folders must be visible to them at the same paths);
+    the path is made absolute because a worker's working directory is not the driver's, while the
+    location, and so the reports, keep the path as given. Other readers (zip members) hold an open
+    archive and its whole member list, far too much to ship per input, so the driver reads them and
+    ships the bytes, or the error reading them raised, so that the worker's decode reports exactly
+    what the local engine would.
     """
-    from ray import cloudpickle
-
+    read = source.read
+    if isinstance(read, partial) and read.func is read_file:
+        return pickle.dumps(replace(source, read=partial(read_file, Path(read.args[0]).absolute())))
     try:
-        return cloudpickle.dumps(source)
-    except (TypeError, AttributeError, pickle.PicklingError):  # what pickling an open handle or lock raises
-        pass
-    try:
-        data = source.read()
+        data = read()
     except Exception as exc:  # replayed on the worker, where decode turns it into the usual Failure
-        return cloudpickle.dumps(replace(source, read=partial(_raise, exc)))
-    return cloudpickle.dumps(replace(source, read=partial(_given, data)))
+        return pickle.dumps(replace(source, read=partial(_raise, exc)))
+    return pickle.dumps(replace(source, read=partial(_given, data)))
 
 
 def _given(data: bytes) -> bytes:
