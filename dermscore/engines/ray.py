@@ -185,21 +185,23 @@ def _input_blocks(items: list[Source | Failure], rows_per_block: int) -> Iterato
     """
     import pyarrow as pa
 
+    def table(indexes: list[int], blobs: list[bytes]) -> Any:
+        return pa.table({"index": pa.array(indexes, pa.int64()), "source": pa.array(blobs, pa.large_binary())})
+
     indexes: list[int] = []
     blobs: list[bytes] = []
     size = 0
     for index, item in enumerate(items):
         if isinstance(item, Failure):
             continue
-        blob = _portable(item)
+        blobs.append(_portable(item))
         indexes.append(index)
-        blobs.append(blob)
-        size += len(blob)
+        size += len(blobs[-1])
         if len(blobs) >= rows_per_block or size >= BLOCK_BYTES:
-            yield pa.table({"index": pa.array(indexes, pa.int64()), "source": pa.array(blobs, pa.large_binary())})
+            yield table(indexes, blobs)
             indexes, blobs, size = [], [], 0
     if blobs:
-        yield pa.table({"index": pa.array(indexes, pa.int64()), "source": pa.array(blobs, pa.large_binary())})
+        yield table(indexes, blobs)
 
 
 def _portable(source: Source) -> bytes:
