@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--float16", action=argparse.BooleanOptionalAction, default=True,
                         help="store exported weights as float16 (loaded back as float32)")
     parser.add_argument("--version", default=time.strftime("%Y.%m.%d"), help="bundle version")
+    parser.add_argument("--stop-at", help="HH:MM UTC: end training after the last epoch that finishes before it")
     parser.add_argument("--threads", type=int, help="CPU threads for the backend (default: all)")
     return parser
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from training import data, split
+from training import data, ensemble, metrics, report, split
 from training.models import ARCHITECTURES
 from training.train import CPU_PRESETS, GPU_PRESETS, MemberRun, TrainConfig, resume_config, with_overrides
 
@@ -80,11 +84,232 @@ def member_run(args: argparse.Namespace, member: str) -> MemberRun:
     return MemberRun(folder, config, images, data.labels_of(records), sides["train"], sides["val"])
 
 
+def _deadline(stop_at: str | None) -> float | None:
+    """'HH:MM' (UTC, today or, if already past, tomorrow) -> Unix time."""
+    if not stop_at:
+        return None
+    hours, minutes = (int(v) for v in stop_at.split(":"))
+    now = time.time()
+    midnight = now - now % 86400
+    deadline = midnight + hours * 3600 + minutes * 60
+    return deadline if deadline > now else deadline + 86400
+
+
 def run_train(args: argparse.Namespace) -> dict:
     results = {}
     for member in args.members:
         run = member_run(args, member)
-        state = run.fit()
+        command = run.folder / "command.txt"
+        if not command.is_file():  # the command that started the run; a resume does not overwrite it
+            run.folder.mkdir(parents=True, exist_ok=True)
+            command.write_text("python -m training " + " ".join(sys.argv[1:]) + "\n")
+        state = run.fit(_deadline(args.stop_at))
         results[member] = {"best_val_balanced_accuracy": state["best"], "best_epoch": state["best_epoch"],
                            "epochs": state["epoch"]}
     return results
+
+
+def run_eda(args: argparse.Namespace) -> dict:
+    records = _records(args)
+    tables = report.distributions(records, args.work / "eda")
+    return {"eda": args.work / "eda", "classes": tables["class"]}
+
+
+def _predictions(args: argparse.Namespace) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], np.ndarray]:
+    """Each member's val/test probabilities, the split indices and all labels."""
+    records = _records(args)
+    sides = _split(args, records)
+    predictions = {}
+    for member in args.members:
+        run = member_run(args, member)
+        predictions[member] = ensemble.member_predictions(run, sides, run.folder / "predictions.npz")
+    return predictions, sides, data.labels_of(records)
+
+
+def run_ensemble(args: argparse.Namespace) -> dict:
+    predictions, sides, labels = _predictions(args)
+    result = ensemble.fit_ensemble(predictions, labels[sides["val"]], args.tta)
+    ensemble.save(result, args.work / "ensemble.json")
+    return {k: v for k, v in result.items() if k != "grid"}
+
+
+def _ensemble_choice(args: argparse.Namespace) -> dict:
+    path = args.work / "ensemble.json"
+    if not path.is_file():
+        run_ensemble(args)
+    return json.loads(path.read_text())
+
+
+def evaluate_all(test_probs: dict[str, np.ndarray], weights: dict[str, float], y_test: np.ndarray) -> dict:
+    """Test metrics of every member and of the weighted ensemble."""
+    results = {member: metrics.evaluate(y_test, probs) for member, probs in test_probs.items()}
+    combined = ensemble.combine([test_probs[m] for m in weights], tuple(weights.values()))
+    results["ensemble"] = metrics.evaluate(y_test, combined)
+    return results
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    predictions, sides, labels = _predictions(args)
+    choice = _ensemble_choice(args)
+    key = "test_tta" if choice["tta"] else "test"
+    results = evaluate_all({m: p[key] for m, p in predictions.items()}, choice["weights"], labels[sides["test"]])
+    folder = args.work / "evaluation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, result in results.items():
+        report.confusion_figure(np.array(result["confusion_matrix"]), f"{name}: test", folder / f"confusion_{name}")
+    (folder / "metrics.json").write_text(json.dumps(results, indent=1))
+    return {name: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]} for name, r in results.items()}
+
+
+ATTRIBUTION = (
+    "HAM10000: Tschandl P., Rosendahl C., Kittler H. \"The HAM10000 dataset, a large collection of multi-source "
+    "dermatoscopic images of common pigmented skin lesions.\" Scientific Data 5, 180161 (2018). "
+    "doi:10.1038/sdata.2018.161. Licence: CC BY-NC 4.0 (attribution, non-commercial); the weights derived from it "
+    "are shared under the same terms."
+)
+INTENDED_USE = (
+    "Research decision support for dermatoscopic images of pigmented skin lesions: ranking and triage studies, "
+    "method development. Not a diagnosis and not a medical device; a clinician decides."
+)
+STRONGER_BUNDLE = (
+    "On a machine with a GPU and internet: `python -m training all --preset gpu` trains both members from "
+    "ImageNet weights at 299x299 (InceptionV3) and 224x224 (DenseNet201), a 3-epoch head phase then full "
+    "fine-tuning with frozen BatchNorm, mixed precision, on the full-resolution HAM10000 download "
+    "(`--data` pointing at the folder with HAM10000_metadata.csv and HAM10000_images_part_1/_part_2). Published "
+    "results for this setup are around 0.75-0.85 balanced accuracy; expect roughly 1-3 minutes per epoch per member "
+    "on one modern GPU (not measured here: this bundle's machine had none). Offline, `--init PATH` takes "
+    "locally stored ImageNet backbone weights."
+)
+
+
+def _member_training(run: MemberRun) -> dict:
+    """How long and how a member trained, from its history, state and command files."""
+    import csv  # noqa: PLC0415 (only export reads histories)
+
+    with open(run.folder / "history.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    state = run.load_state()
+    seconds = sum(float(r["seconds"]) for r in rows)
+    command_file = run.folder / "command.txt"
+    return {
+        "command": command_file.read_text().strip() if command_file.is_file() else "unknown",
+        "epochs_run": len(rows),
+        "steps_per_epoch": run.config.steps_per_epoch,
+        "batch_size": run.config.batch_size,
+        "seconds": round(seconds, 1),
+        "seconds_per_epoch": round(seconds / max(len(rows), 1), 1),
+        "best_epoch": state["best_epoch"],
+        "best_val_balanced_accuracy": round(state["best"], 4),
+        "early_stopped": bool(state.get("stopped")),
+        "hyperparameters": run.config.to_json(),
+    }
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    """Clean float32 members -> (float16) .keras files, re-evaluated from the written files, + manifest and card."""
+    import platform  # noqa: PLC0415
+
+    import keras  # noqa: PLC0415
+
+    from dermscore.bundle import CLASS_CODES, DEFAULT_BUNDLE, DEFAULT_MALIGNANT, models_dir, write_manifest  # noqa: PLC0415
+    from training import export, modelcard  # noqa: PLC0415
+    from training.train import predict  # noqa: PLC0415
+
+    records = _records(args)
+    sides = _split(args, records)
+    y_test = data.labels_of(records)[sides["test"]]
+    choice = _ensemble_choice(args)
+    out = Path(args.out or models_dir() / DEFAULT_BUNDLE)
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "figures").mkdir(parents=True)
+
+    members, shipped, float32, storage, training = [], {}, {}, {}, {}
+    for member in choice["members"]:
+        run = member_run(args, member)
+        model = export.clean_member(run.folder / "best.keras", run.config)
+        float32[member] = predict(model, run.images, sides["test"], run.config.preprocessing)
+        file = export.save_member(model, staging / f"{member}.keras", args.float16)
+        reloaded = keras.models.load_model(file, compile=False)
+        shipped[member] = predict(reloaded, run.images, sides["test"], run.config.preprocessing)
+        storage[member] = {
+            "bytes": file.stat().st_size,
+            "max_abs_probability_difference": float(np.abs(shipped[member] - float32[member]).max()),
+            "test_predictions_changed": int((shipped[member].argmax(1) != float32[member].argmax(1)).sum()),
+        }
+        training[member] = _member_training(run)
+        shutil.copy2(run.folder / "history.csv", staging / "figures" / f"history_{member}.csv")
+        arch = ARCHITECTURES[member]
+        members.append({
+            "name": member, "architecture": arch.name, "file": file.name, "input_size": list(run.config.input_size),
+            "preprocessing": arch.preprocessing, "resize": RESIZE, "weight": choice["weights"][member],
+        })
+
+    results = evaluate_all(shipped, choice["weights"], y_test)
+    results_float32 = evaluate_all(float32, choice["weights"], y_test)
+    for name, result in results.items():
+        report.confusion_figure(np.array(result["confusion_matrix"]), f"{name}: test ({len(y_test)} images)",
+                                staging / "figures" / f"confusion_{name}")
+    report.learning_curves({m: staging / "figures" / f"history_{m}.csv" for m in choice["members"]},
+                           staging / "figures" / "learning_curves.png")
+    shutil.copy2(args.work / "split.csv", staging / "split.csv")
+    split_info = split.split_summary(records, split.read_split(args.work / "split.csv"), staging / "split.csv")
+    split_info["seed"] = args.seed
+    dtype = "float16" if args.float16 else "float32"
+    ens_f32, ens_shipped = results_float32["ensemble"], results["ensemble"]
+    manifest = {
+        "name": out.name if args.out else DEFAULT_BUNDLE,
+        "version": args.version,
+        "classes": list(CLASS_CODES),
+        "malignant_classes": list(DEFAULT_MALIGNANT),
+        "members": members,
+        "intended_use": INTENDED_USE,
+        "provenance": {
+            "training_data": {"attribution": ATTRIBUTION, "source": str(args.data.name), "images": len(records)},
+            "split": split_info,
+            "metrics": results,
+            "ensemble": {k: v for k, v in choice.items() if k != "grid"},
+            "weights_storage": {
+                "dtype": dtype,
+                "members": storage,
+                "float32_test_metrics": {n: {"accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
+                                         for n, r in results_float32.items()},
+                "summary": (
+                    f"{dtype} arrays in each .keras file (loaded into float32 variables). Ensemble test balanced "
+                    f"accuracy {ens_shipped['balanced_accuracy']:.4f} as shipped vs {ens_f32['balanced_accuracy']:.4f} "
+                    f"in float32; accuracy {ens_shipped['accuracy']:.4f} vs {ens_f32['accuracy']:.4f}; largest "
+                    f"probability change {max(s['max_abs_probability_difference'] for s in storage.values()):.2e}."
+                ),
+            },
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "training": {
+                "summary": (
+                    "Both members were trained from scratch (no ImageNet weights) on CPU at low resolution from the "
+                    f"{args.data.name} copy of HAM10000, within a few hours of wall time; see Training."
+                    if all(t["hyperparameters"]["init"] == "none" for t in training.values())
+                    else "Members were fine-tuned from pretrained backbone weights; see Training."
+                ),
+                "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, devices {keras.distribution.list_devices()}",
+                "backend": keras.config.backend(),
+                "keras": keras.__version__,
+                "members": training,
+            },
+            "limitations": [
+                "Trained and tested on HAM10000 only (mostly fair-skinned European/Australian patients, "
+                "dermatoscopic images); performance on other populations, devices or clinical photos is unknown.",
+                "Classes outside the seven HAM10000 diagnoses (e.g. squamous cell carcinoma other than in situ, "
+                "non-pigmented lesions) are forced into one of the seven.",
+                "Rare classes (df, vasc, akiec) have few test images, so their recall figures are uncertain by "
+                "+-10 points or more.",
+                "Probabilities are not calibrated for clinical thresholds (see ECE); "
+                "sensitivity/specificity trade-offs must be validated locally.",
+            ],
+            "stronger_bundle": STRONGER_BUNDLE,
+        },
+    }
+    write_manifest(staging, manifest)
+    (staging / "MODEL_CARD.md").write_text(modelcard.render(manifest), encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.replace(out)
+    return {"bundle": out, **{n: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]}
+                              for n, r in results.items()}}

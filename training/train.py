@@ -77,8 +77,8 @@ class TrainConfig:
 
 # Settings for this project's CPU-only, from-scratch bundle (see MODEL_CARD for the measurements).
 CPU_PRESETS = {
-    "inceptionv3": TrainConfig(member="inceptionv3", input_size=(75, 100), epochs=10, steps_per_epoch=150),
-    "densenet201": TrainConfig(member="densenet201", input_size=(48, 64), epochs=10, steps_per_epoch=100),
+    "inceptionv3": TrainConfig(member="inceptionv3", input_size=(75, 100), epochs=7, steps_per_epoch=100),
+    "densenet201": TrainConfig(member="densenet201", input_size=(48, 64), epochs=5, steps_per_epoch=100),
 }
 # For a GPU with internet: ImageNet initialisation, the study's resolution, head then full fine-tuning.
 GPU_PRESETS = {
@@ -161,17 +161,19 @@ def predict(model: keras.Model, images: np.ndarray, indices: np.ndarray, preproc
 class _Checkpoint(keras.callbacks.Callback):
     """Per epoch: validation balanced accuracy, history row, best classifier, resumable checkpoint, stop."""
 
-    def __init__(self, run: MemberRun, train_data: Batches, val_labels: np.ndarray, phase: str, state: dict):
+    def __init__(
+        self, run: MemberRun, train_data: Batches, val_labels: np.ndarray, phase: str, state: dict, stop_at: float | None
+    ):
         super().__init__()
         self.run, self.train_data, self.val_labels, self.phase, self.state = run, train_data, val_labels, phase, state
-        self.started = 0.0
+        self.stop_at, self.started = stop_at, 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.train_data.set_epoch(epoch)
         self.started = time.time()
 
     def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % 25 == 0:  # progress for long CPU epochs (logs of background runs)
+        if (batch + 1) % 10 == 0:  # progress for long CPU epochs (logs of background runs)
             print(f"  step {batch + 1}: {(time.time() - self.started) / (batch + 1):.2f} s/step", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -204,6 +206,11 @@ class _Checkpoint(keras.callbacks.Callback):
             state["stopped"] = True
             run.save_state(state)
             self.model.stop_training = True
+        elif self.stop_at and time.time() + row["seconds"] > self.stop_at:
+            # Not marked as stopped: running the command again without the deadline continues the schedule.
+            print("deadline: another epoch would end after --stop-at; stopping with the best checkpoint", flush=True)
+            self.model.stop_training = True
+            state["deadline_stopped"] = True
 
 
 @dataclass
@@ -253,6 +260,16 @@ class MemberRun:
                 writer.writeheader()
             writer.writerow(row)
 
+    def truncate_history(self, epochs: int) -> None:
+        """Drop history rows of an epoch that was logged but not checkpointed before a kill (it reruns)."""
+        path = self.folder / "history.csv"
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) <= epochs]
+            path.unlink()
+            for row in rows:
+                self.append_history(row)
+
     def classifier(self, model: keras.Model) -> keras.Model:
         return model.get_layer(self.config.member)
 
@@ -286,8 +303,13 @@ class MemberRun:
         head = cfg.head_epochs if cfg.init != "none" else 0
         return ([("head", 0, head)] if head else []) + [("train", head, cfg.epochs)]
 
-    def fit(self) -> dict:
-        """Train (or continue training) and return the final state; the best classifier is best.keras."""
+    def fit(self, stop_at: float | None = None) -> dict:
+        """Train (or continue training) and return the final state; the best classifier is best.keras.
+
+        ``stop_at`` (a Unix time) ends training after the last epoch that can finish before it, for runs
+        that share a machine with a hard deadline; the schedule is not stretched, so figures stay
+        reproducible for a run that is not cut.
+        """
         cfg = self.config
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
@@ -304,6 +326,7 @@ class MemberRun:
         model = None
         if state["checkpoint"]:
             print(f"resuming after epoch {state['epoch']} from {state['checkpoint']}", flush=True)
+            self.truncate_history(state["epoch"])
             model = keras.models.load_model(
                 self.folder / state["checkpoint"], custom_objects={"ColourJitter": ColourJitter}
             )
@@ -320,8 +343,10 @@ class MemberRun:
                     )
                 peak = cfg.head_learning_rate if phase == "head" else cfg.learning_rate
                 self._compile(model, peak, end - first, steps)
-            callback = _Checkpoint(self, train_data, val_labels, phase, state)
+            callback = _Checkpoint(self, train_data, val_labels, phase, state, stop_at)
             model.fit(train_data, epochs=end, initial_epoch=state["epoch"], callbacks=[callback], verbose=2)
+            if state.get("deadline_stopped"):
+                break
         return state
 
 

@@ -1,0 +1,79 @@
+"""Write a dermscore bundle: member .keras files (optionally float16-stored), manifest, model card, figures.
+
+Members are rebuilt as plain float32 classifiers before saving, so a bundle never carries training-only
+pieces (augmentation layers, optimizer state, a mixed-precision policy). float16 storage halves the
+files: the float arrays inside the ``.keras`` archive's ``model.weights.h5`` are rewritten as float16,
+and Keras casts them back into the float32 variables on load, so scoring code does not change.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+
+from training.models import build_classifier
+from training.train import TrainConfig
+
+WEIGHTS_ENTRY = "model.weights.h5"
+
+
+def clean_member(best: Path, config: TrainConfig) -> keras.Model:
+    """The best checkpoint's weights in a freshly built float32 classifier of the same shape."""
+    keras.mixed_precision.set_global_policy("float32")
+    trained = keras.models.load_model(best, compile=False)
+    model = build_classifier(config.member, config.input_size, "none", config.head, config.seed)
+    model.set_weights(trained.get_weights())
+    return model
+
+
+def _halve_h5(raw: bytes) -> bytes:
+    """Copy an HDF5 weights file with every float32/float64 dataset stored as float16."""
+    source = h5py.File(io.BytesIO(raw), "r")
+    buffer = io.BytesIO()
+    with source, h5py.File(buffer, "w") as target:
+
+        def copy(name, item):
+            if isinstance(item, h5py.Group):
+                group = target.require_group(name)
+                group.attrs.update(item.attrs)
+            else:
+                value = item[()]
+                if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                    value = value.astype(np.float16)
+                target.create_dataset(name, data=value)
+                target[name].attrs.update(item.attrs)
+
+        target.attrs.update(source.attrs)
+        source.visititems(copy)
+    return buffer.getvalue()
+
+
+def store_float16(path: Path) -> None:
+    """Rewrite a saved ``.keras`` archive in place with float16 weights."""
+    tmp = path.with_suffix(".f16.tmp")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            dst.writestr(info.filename, _halve_h5(data) if info.filename == WEIGHTS_ENTRY else data)
+    tmp.replace(path)
+
+
+def save_member(model: keras.Model, path: Path, float16: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    if float16:
+        store_float16(path)
+    return path
+
+
+def copy_files(files: list[Path], folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copy2(file, folder / file.name)
+    return [f.name for f in files]
