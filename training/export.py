@@ -24,11 +24,18 @@ WEIGHTS_ENTRY = "model.weights.h5"
 
 
 def clean_member(best: Path, config: TrainConfig) -> keras.Model:
-    """The best checkpoint's weights in a freshly built float32 classifier of the same shape."""
+    """The best checkpoint's weights in a freshly built float32 classifier of the same shape.
+
+    Refuses to return a model whose outputs differ from the checkpoint's (e.g. weights in another order).
+    """
     keras.mixed_precision.set_global_policy("float32")
     trained = keras.models.load_model(best, compile=False)
     model = build_classifier(config.member, config.input_size, "none", config.head, config.seed)
     model.set_weights(trained.get_weights())
+    probe = np.random.default_rng(0).normal(size=(4, *config.input_size, 3)).astype("float32")
+    difference = float(np.abs(np.asarray(model(probe)) - np.asarray(trained(probe), dtype="float32")).max())
+    if difference > 1e-4:
+        raise RuntimeError(f"{best}: rebuilt {config.member} differs from the checkpoint (max {difference:.2e})")
     return model
 
 

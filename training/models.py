@@ -58,7 +58,8 @@ def build_classifier(
         pooling=head.pooling,
     )
     backbone.name = "backbone"
-    x = backbone.output
+    inputs = keras.Input((height, width, 3), name="image")
+    x = backbone(inputs)  # nested, so fine-tuning can address the backbone as one layer
     if head.units:
         x = keras.layers.Dense(
             head.units, activation="relu", name="head_dense", kernel_initializer=keras.initializers.HeNormal(seed)
@@ -67,7 +68,7 @@ def build_classifier(
         x = keras.layers.Dropout(head.dropout, seed=seed, name="head_dropout")(x)
     # float32 output keeps the softmax stable under a mixed_float16 policy.
     outputs = keras.layers.Dense(len(CLASS_CODES), activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(backbone.input, outputs, name=member)
+    return keras.Model(inputs, outputs, name=member)
 
 
 def set_backbone_trainable(model: keras.Model, trainable: bool | int) -> None:
