@@ -135,8 +135,15 @@ def test_exported_bundle_loads_and_scores_like_training(pipeline):
     metrics = bundle.provenance["metrics"]
     assert set(metrics) == {"inceptionv3", "densenet201", "ensemble"}
     for result in metrics.values():
-        assert {"accuracy", "balanced_accuracy", "per_class", "confusion_matrix", "expected_calibration_error",
-                "melanoma_sensitivity_at_80_specificity", "melanoma_sensitivity_at_90_specificity"} <= set(result)
+        assert {
+            "accuracy",
+            "balanced_accuracy",
+            "per_class",
+            "confusion_matrix",
+            "expected_calibration_error",
+            "melanoma_sensitivity_at_80_specificity",
+            "melanoma_sensitivity_at_90_specificity",
+        } <= set(result)
         assert set(result["per_class"]) == set(CLASS_CODES)
     assert "doi:10.1038/sdata.2018.161" in bundle.provenance["training_data"]["attribution"]
     assert bundle.provenance["split"]["file"] == "split.csv" and (bundle.path / "split.csv").is_file()
@@ -162,8 +169,16 @@ def test_killed_run_resumes_from_its_last_checkpoint(pipeline, tmp_path):
     work.mkdir()
     for name in ("index.csv", "split.csv"):
         shutil.copy2(pipeline["work"] / name, work / name)
-    command = [sys.executable, "-m", "training", "train", *_common(pipeline["data"], work),
-               *_sizes("inceptionv3"), "--epochs", "3"]
+    command = [
+        sys.executable,
+        "-m",
+        "training",
+        "train",
+        *_common(pipeline["data"], work),
+        *_sizes("inceptionv3"),
+        "--epochs",
+        "3",
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     state_path = work / "members" / "inceptionv3" / "state.json"
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -122,3 +122,23 @@ def test_frozen_batchnorm_keeps_and_uses_its_moving_statistics():
     set_backbone_trainable(classifier, False)
     assert not any(layer.trainable_weights for layer in layers)
     assert classifier.get_layer("head_dense").trainable
+
+
+def test_prior_correction_baked_into_the_output_bias_matches_the_fitted_adjustment():
+    """What the ensemble step fits on validation (adjust) is exactly what export writes into the model."""
+    import keras
+
+    from training.ensemble import adjust
+    from training.export import shift_output_bias
+    from training.train import sampling_prior
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, keras.layers.Dense(7, activation="softmax", name="probabilities")(inputs))
+    x = np.random.default_rng(1).normal(size=(6, 5)).astype("float32")
+    before = np.asarray(model(x), dtype=np.float64)
+    prior = sampling_prior(np.array([0] * 40 + [1] * 10 + [2, 3, 4, 5, 6] * 4), 0.5)
+    assert prior[0] > prior[1] > prior[2] and prior.sum() == pytest.approx(1.0)
+    shift_output_bias(model, -0.75 * np.log(prior))
+    np.testing.assert_allclose(np.asarray(model(x)), adjust(before, prior, 0.75), atol=1e-5)
+    np.testing.assert_allclose(adjust(before, prior, 0.0), before, atol=1e-12)

@@ -58,10 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="split and training seed")
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--test-fraction", type=float, default=0.15)
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
-                        help="fit and evaluate with flip test-time augmentation (dermscore scores without it)")
-    parser.add_argument("--float16", action=argparse.BooleanOptionalAction, default=True,
-                        help="store exported weights as float16 (loaded back as float32)")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="fit and evaluate with flip test-time augmentation (dermscore scores without it)",
+    )
+    parser.add_argument(
+        "--float16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store exported weights as float16 (loaded back as float32)",
+    )
     parser.add_argument("--version", default=time.strftime("%Y.%m.%d"), help="bundle version")
     parser.add_argument("--stop-at", help="HH:MM UTC: end training after the last epoch that finishes before it")
     parser.add_argument("--threads", type=int, help="CPU threads for the backend (default: all)")
@@ -88,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     for step in order:
         t0 = time.time()
         result = getattr(steps, f"run_{step}")(args)
-        print(json.dumps({"step": step, "seconds": round(time.time() - t0, 1), **(result or {})}, default=str), flush=True)
+        print(
+            json.dumps({"step": step, "seconds": round(time.time() - t0, 1), **(result or {})}, default=str), flush=True
+        )
     if args.step == "all":
         print(f"all steps done in {time.time() - started:.0f} s", file=sys.stderr)
     return 0

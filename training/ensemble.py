@@ -18,6 +18,18 @@ from training.metrics import balanced_accuracy
 from training.train import MemberRun, predict
 
 FLIPS = ((False, False), (False, True), (True, False), (True, True))  # (vertical, horizontal)
+PRIOR_CORRECTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def adjust(probs: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
+    """Divide out ``tau`` times the class prior the member was trained under (logit adjustment).
+
+    A member trained on a sample where class c has frequency prior_c learns p(c|x) under that prior;
+    balanced accuracy rewards p(x|c), i.e. the posterior divided by the prior. tau = 0 leaves the
+    member as trained; export bakes the same shift into the output layer's bias, so scoring gets it.
+    """
+    adjusted = probs * np.asarray(prior)[None, :] ** -tau
+    return adjusted / adjusted.sum(1, keepdims=True)
 
 
 def member_predictions(run: MemberRun, sides: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
@@ -70,27 +82,38 @@ def fit_weights(val_probs: list[np.ndarray], y_val: np.ndarray, step: float = 0.
     }
 
 
-def fit_ensemble(predictions: dict[str, dict[str, np.ndarray]], y_val: np.ndarray, tta: bool = False) -> dict:
-    """Fit weights with and without flip TTA and report both on validation.
+def fit_ensemble(
+    predictions: dict[str, dict[str, np.ndarray]], priors: dict[str, np.ndarray], y_val: np.ndarray, tta: bool = False
+) -> dict:
+    """Fit the prior correction and the member weights on validation; report flip TTA's effect too.
 
     TTA is used only when asked: ``dermscore`` scores each image once, so the bundle's figures describe
     the plain ensemble unless the caller opts in (the validation comparison tells whether it is worth it).
+    Ties in the prior correction go to the smaller one (closer to the members as trained).
     """
     members = list(predictions)
-    plain = fit_weights([predictions[m]["val"] for m in members], y_val)
-    flipped = fit_weights([predictions[m]["val_tta"] for m in members], y_val)
-    use_tta = bool(tta)
-    chosen = flipped if use_tta else plain
+
+    def fit(key: str, tau: float) -> dict:
+        return fit_weights([adjust(predictions[m][key], priors[m], tau) for m in members], y_val)
+
+    key = "val_tta" if tta else "val"
+    by_tau = {tau: fit(key, tau) for tau in PRIOR_CORRECTIONS}
+    tau = max(PRIOR_CORRECTIONS, key=lambda t: (by_tau[t]["val_balanced_accuracy"], -t))
+    chosen = by_tau[tau]
+    other = fit("val" if tta else "val_tta", tau)
     return {
         "members": members,
         "weights": dict(zip(members, chosen["weights"])),
-        "tta": bool(use_tta),
+        "prior_correction": tau,
+        "priors": {m: [round(float(p), 6) for p in priors[m]] for m in members},
+        "tta": bool(tta),
         "val_balanced_accuracy": chosen["val_balanced_accuracy"],
         "equal_weights_val_balanced_accuracy": chosen["equal_weights_val_balanced_accuracy"],
-        "val_balanced_accuracy_without_tta": plain["val_balanced_accuracy"],
-        "val_balanced_accuracy_with_tta": flipped["val_balanced_accuracy"],
+        "val_balanced_accuracy_by_prior_correction": {str(t): r["val_balanced_accuracy"] for t, r in by_tau.items()},
+        "val_balanced_accuracy_without_tta": (other if tta else chosen)["val_balanced_accuracy"],
+        "val_balanced_accuracy_with_tta": (chosen if tta else other)["val_balanced_accuracy"],
         "member_val_balanced_accuracy": {
-            m: round(balanced_accuracy(y_val, predictions[m]["val_tta" if use_tta else "val"].argmax(1)), 6)
+            m: round(balanced_accuracy(y_val, adjust(predictions[m][key], priors[m], tau).argmax(1)), 6)
             for m in members
         },
         "grid": chosen["grid"],

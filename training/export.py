@@ -39,6 +39,13 @@ def clean_member(best: Path, config: TrainConfig) -> keras.Model:
     return model
 
 
+def shift_output_bias(model: keras.Model, shift: np.ndarray) -> None:
+    """Add ``shift`` to the softmax layer's bias: the prior correction fitted on validation, made permanent."""
+    layer = model.get_layer("probabilities")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel, (bias + shift).astype(bias.dtype)])
+
+
 def _halve_h5(raw: bytes) -> bytes:
     """Copy an HDF5 weights file with every float32/float64 dataset stored as float16."""
     source = h5py.File(io.BytesIO(raw), "r")

@@ -93,8 +93,12 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray) -> dict:
         "accuracy": round(float(np.mean(y_pred == y_true)), 4),
         "balanced_accuracy": round(balanced_accuracy(y_true, y_pred), 4),
         "macro_f1": round(float(np.mean([v["f1"] for v in per_class.values()])), 4),
-        "melanoma_sensitivity_at_80_specificity": round(sensitivity_at_specificity(y_true == mel, probs[:, mel], 0.8), 4),
-        "melanoma_sensitivity_at_90_specificity": round(sensitivity_at_specificity(y_true == mel, probs[:, mel], 0.9), 4),
+        "melanoma_sensitivity_at_80_specificity": round(
+            sensitivity_at_specificity(y_true == mel, probs[:, mel], 0.8), 4
+        ),
+        "melanoma_sensitivity_at_90_specificity": round(
+            sensitivity_at_specificity(y_true == mel, probs[:, mel], 0.9), 4
+        ),
         "expected_calibration_error": round(expected_calibration_error(y_true, probs), 4),
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),

@@ -36,7 +36,9 @@ def _summary_table(metrics: dict) -> list[str]:
 def _per_class_table(metrics: dict) -> list[str]:
     names = list(metrics)
     lines = [
-        "| class | test images | " + " | ".join(f"{n} recall" for n in names) + " | ensemble precision | ensemble F1 | ensemble ROC AUC |",
+        "| class | test images | "
+        + " | ".join(f"{n} recall" for n in names)
+        + " | ensemble precision | ensemble F1 | ensemble ROC AUC |",
         "| --- | --- | " + " | ".join("---" for _ in names) + " | --- | --- | --- |",
     ]
     ens = metrics["ensemble"]["per_class"]

@@ -45,7 +45,9 @@ def lesion_split(records: list[Record], val: float = 0.15, test: float = 0.15, s
         for lesion_id in ids:
             n = len(lesions[lesion_id])
             # Fill test first, then val, each while it stays closest to its target image count.
-            side = next((s for s in ("test", "val") if abs(taken[s] + n - targets[s]) < abs(taken[s] - targets[s])), "train")
+            side = next(
+                (s for s in ("test", "val") if abs(taken[s] + n - targets[s]) < abs(taken[s] - targets[s])), "train"
+            )
             if side != "train":
                 taken[side] += n
             for record in lesions[lesion_id]:

@@ -14,7 +14,15 @@ import numpy as np
 
 from training import data, ensemble, metrics, report, split
 from training.models import ARCHITECTURES
-from training.train import CPU_PRESETS, GPU_PRESETS, MemberRun, TrainConfig, resume_config, with_overrides
+from training.train import (
+    CPU_PRESETS,
+    GPU_PRESETS,
+    MemberRun,
+    TrainConfig,
+    resume_config,
+    training_prior,
+    with_overrides,
+)
 
 RESIZE = "bilinear"
 
@@ -104,8 +112,11 @@ def run_train(args: argparse.Namespace) -> dict:
             run.folder.mkdir(parents=True, exist_ok=True)
             command.write_text("python -m training " + " ".join(sys.argv[1:]) + "\n")
         state = run.fit(_deadline(args.stop_at))
-        results[member] = {"best_val_balanced_accuracy": state["best"], "best_epoch": state["best_epoch"],
-                           "epochs": state["epoch"]}
+        results[member] = {
+            "best_val_balanced_accuracy": state["best"],
+            "best_epoch": state["best_epoch"],
+            "epochs": state["epoch"],
+        }
     return results
 
 
@@ -115,20 +126,22 @@ def run_eda(args: argparse.Namespace) -> dict:
     return {"eda": args.work / "eda", "classes": tables["class"]}
 
 
-def _predictions(args: argparse.Namespace) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], np.ndarray]:
-    """Each member's val/test probabilities, the split indices and all labels."""
+def _predictions(args: argparse.Namespace) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """Each member's val/test probabilities and training prior, the split indices and all labels."""
     records = _records(args)
     sides = _split(args, records)
-    predictions = {}
+    labels = data.labels_of(records)
+    predictions, priors = {}, {}
     for member in args.members:
         run = member_run(args, member)
         predictions[member] = ensemble.member_predictions(run, sides, run.folder / "predictions.npz")
-    return predictions, sides, data.labels_of(records)
+        priors[member] = training_prior(run.config, labels[sides["train"]])
+    return predictions, priors, sides, labels
 
 
 def run_ensemble(args: argparse.Namespace) -> dict:
-    predictions, sides, labels = _predictions(args)
-    result = ensemble.fit_ensemble(predictions, labels[sides["val"]], args.tta)
+    predictions, priors, sides, labels = _predictions(args)
+    result = ensemble.fit_ensemble(predictions, priors, labels[sides["val"]], args.tta)
     ensemble.save(result, args.work / "ensemble.json")
     return {k: v for k, v in result.items() if k != "grid"}
 
@@ -149,21 +162,24 @@ def evaluate_all(test_probs: dict[str, np.ndarray], weights: dict[str, float], y
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
-    predictions, sides, labels = _predictions(args)
+    predictions, priors, sides, labels = _predictions(args)
     choice = _ensemble_choice(args)
     key = "test_tta" if choice["tta"] else "test"
-    results = evaluate_all({m: p[key] for m, p in predictions.items()}, choice["weights"], labels[sides["test"]])
+    test = {m: ensemble.adjust(p[key], priors[m], choice["prior_correction"]) for m, p in predictions.items()}
+    results = evaluate_all(test, choice["weights"], labels[sides["test"]])
     folder = args.work / "evaluation"
     folder.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
         report.confusion_figure(np.array(result["confusion_matrix"]), f"{name}: test", folder / f"confusion_{name}")
     (folder / "metrics.json").write_text(json.dumps(results, indent=1))
-    return {name: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]} for name, r in results.items()}
+    return {
+        name: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]} for name, r in results.items()
+    }
 
 
 ATTRIBUTION = (
-    "HAM10000: Tschandl P., Rosendahl C., Kittler H. \"The HAM10000 dataset, a large collection of multi-source "
-    "dermatoscopic images of common pigmented skin lesions.\" Scientific Data 5, 180161 (2018). "
+    'HAM10000: Tschandl P., Rosendahl C., Kittler H. "The HAM10000 dataset, a large collection of multi-source '
+    'dermatoscopic images of common pigmented skin lesions." Scientific Data 5, 180161 (2018). '
     "doi:10.1038/sdata.2018.161. Licence: CC BY-NC 4.0 (attribution, non-commercial); the weights derived from it "
     "are shared under the same terms."
 )
@@ -228,6 +244,8 @@ def run_export(args: argparse.Namespace) -> dict:
     for member in choice["members"]:
         run = member_run(args, member)
         model = export.clean_member(run.folder / "best.keras", run.config)
+        prior = np.maximum(np.asarray(choice["priors"][member]), 1e-12)
+        export.shift_output_bias(model, -choice["prior_correction"] * np.log(prior))
         float32[member] = predict(model, run.images, sides["test"], run.config.preprocessing)
         file = export.save_member(model, staging / f"{member}.keras", args.float16)
         reloaded = keras.models.load_model(file, compile=False)
@@ -240,18 +258,30 @@ def run_export(args: argparse.Namespace) -> dict:
         training[member] = _member_training(run)
         shutil.copy2(run.folder / "history.csv", staging / "figures" / f"history_{member}.csv")
         arch = ARCHITECTURES[member]
-        members.append({
-            "name": member, "architecture": arch.name, "file": file.name, "input_size": list(run.config.input_size),
-            "preprocessing": arch.preprocessing, "resize": RESIZE, "weight": choice["weights"][member],
-        })
+        members.append(
+            {
+                "name": member,
+                "architecture": arch.name,
+                "file": file.name,
+                "input_size": list(run.config.input_size),
+                "preprocessing": arch.preprocessing,
+                "resize": RESIZE,
+                "weight": choice["weights"][member],
+            }
+        )
 
     results = evaluate_all(shipped, choice["weights"], y_test)
     results_float32 = evaluate_all(float32, choice["weights"], y_test)
     for name, result in results.items():
-        report.confusion_figure(np.array(result["confusion_matrix"]), f"{name}: test ({len(y_test)} images)",
-                                staging / "figures" / f"confusion_{name}")
-    report.learning_curves({m: staging / "figures" / f"history_{m}.csv" for m in choice["members"]},
-                           staging / "figures" / "learning_curves.png")
+        report.confusion_figure(
+            np.array(result["confusion_matrix"]),
+            f"{name}: test ({len(y_test)} images)",
+            staging / "figures" / f"confusion_{name}",
+        )
+    report.learning_curves(
+        {m: staging / "figures" / f"history_{m}.csv" for m in choice["members"]},
+        staging / "figures" / "learning_curves.png",
+    )
     shutil.copy2(args.work / "split.csv", staging / "split.csv")
     split_info = split.split_summary(records, split.read_split(args.work / "split.csv"), staging / "split.csv")
     split_info["seed"] = args.seed
@@ -272,8 +302,10 @@ def run_export(args: argparse.Namespace) -> dict:
             "weights_storage": {
                 "dtype": dtype,
                 "members": storage,
-                "float32_test_metrics": {n: {"accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-                                         for n, r in results_float32.items()},
+                "float32_test_metrics": {
+                    n: {"accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
+                    for n, r in results_float32.items()
+                },
                 "summary": (
                     f"{dtype} arrays in each .keras file (loaded into float32 variables). Ensemble test balanced "
                     f"accuracy {ens_shipped['balanced_accuracy']:.4f} as shipped vs {ens_f32['balanced_accuracy']:.4f} "
@@ -311,5 +343,7 @@ def run_export(args: argparse.Namespace) -> dict:
     (staging / "MODEL_CARD.md").write_text(modelcard.render(manifest), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     staging.replace(out)
-    return {"bundle": out, **{n: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]}
-                              for n, r in results.items()}}
+    return {
+        "bundle": out,
+        **{n: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]} for n, r in results.items()},
+    }

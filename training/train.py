@@ -26,7 +26,15 @@ from training.metrics import balanced_accuracy
 from training.models import ARCHITECTURES, Head, build_classifier, set_backbone_trainable
 
 HISTORY_FIELDS = (
-    "epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "learning_rate", "seconds"
+    "epoch",
+    "phase",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "learning_rate",
+    "seconds",
 )
 
 
@@ -83,14 +91,44 @@ CPU_PRESETS = {
 # For a GPU with internet: ImageNet initialisation, the study's resolution, head then full fine-tuning.
 GPU_PRESETS = {
     "inceptionv3": TrainConfig(
-        member="inceptionv3", input_size=(299, 299), init="imagenet", epochs=30, learning_rate=1e-4,
-        head_epochs=3, mixed_precision=True,
+        member="inceptionv3",
+        input_size=(299, 299),
+        init="imagenet",
+        epochs=30,
+        learning_rate=1e-4,
+        head_epochs=3,
+        mixed_precision=True,
     ),
     "densenet201": TrainConfig(
-        member="densenet201", input_size=(224, 224), init="imagenet", epochs=30, learning_rate=1e-4,
-        head_epochs=3, mixed_precision=True,
+        member="densenet201",
+        input_size=(224, 224),
+        init="imagenet",
+        epochs=30,
+        learning_rate=1e-4,
+        head_epochs=3,
+        mixed_precision=True,
     ),
 }
+
+
+def sampling_prior(labels: np.ndarray, power: float) -> np.ndarray:
+    """Class frequencies a member sees in training when class c is drawn in proportion to count_c ** power."""
+    counts = np.bincount(labels, minlength=len(CLASS_CODES)).astype(np.float64)
+    sampled = np.where(counts > 0, counts**power, 0.0)
+    return sampled / sampled.sum()
+
+
+def class_weights(prior: np.ndarray, power: float) -> np.ndarray:
+    """Loss weights (1 / (K * prior)) ** power for the classes present; 0 for absent ones."""
+    safe = np.maximum(prior, 1e-12)
+    return np.where(prior > 0, (1.0 / (len(prior) * safe)) ** power, 0.0)
+
+
+def training_prior(config: TrainConfig, labels: np.ndarray) -> np.ndarray:
+    """The class prior a member effectively learned: sampling frequencies times loss weights."""
+    prior = sampling_prior(labels, config.sampling_power)
+    effective = prior * class_weights(prior, config.class_weight_power)
+    return effective / effective.sum()
 
 
 class Batches(keras.utils.PyDataset):
@@ -119,11 +157,8 @@ class Batches(keras.utils.PyDataset):
         self.sampling_power, self.seed, self.epoch = sampling_power, seed, 0
         self.steps = steps or int(np.ceil(len(self.indices) / batch_size))
         self._order = self._draw()
-        counts = np.bincount(labels[self.indices], minlength=len(CLASS_CODES)).astype(np.float64)
-        sampled = counts ** (sampling_power if sampling_power is not None else 1.0)
-        freq = sampled / sampled.sum()
-        weights = np.where(freq > 0, (1.0 / len(CLASS_CODES) / np.maximum(freq, 1e-12)) ** class_weight_power, 0.0)
-        self.class_weights = weights.astype(np.float32) if class_weight_power else None
+        freq = sampling_prior(labels[self.indices], sampling_power if sampling_power is not None else 1.0)
+        self.class_weights = class_weights(freq, class_weight_power).astype(np.float32) if class_weight_power else None
 
     def _draw(self) -> np.ndarray:
         if self.sampling_power is None:
@@ -162,7 +197,13 @@ class _Checkpoint(keras.callbacks.Callback):
     """Per epoch: validation balanced accuracy, history row, best classifier, resumable checkpoint, stop."""
 
     def __init__(
-        self, run: MemberRun, train_data: Batches, val_labels: np.ndarray, phase: str, state: dict, stop_at: float | None
+        self,
+        run: MemberRun,
+        train_data: Batches,
+        val_labels: np.ndarray,
+        phase: str,
+        state: dict,
+        stop_at: float | None,
     ):
         super().__init__()
         self.run, self.train_data, self.val_labels, self.phase, self.state = run, train_data, val_labels, phase, state
@@ -319,8 +360,15 @@ class MemberRun:
         state = self.load_state()
         steps = cfg.steps_per_epoch or int(np.ceil(len(self.train_indices) / cfg.batch_size))
         train_data = Batches(
-            self.images, self.labels, self.train_indices, cfg.batch_size, cfg.preprocessing,
-            sampling_power=cfg.sampling_power, steps=steps, class_weight_power=cfg.class_weight_power, seed=cfg.seed,
+            self.images,
+            self.labels,
+            self.train_indices,
+            cfg.batch_size,
+            cfg.preprocessing,
+            sampling_power=cfg.sampling_power,
+            steps=steps,
+            class_weight_power=cfg.class_weight_power,
+            seed=cfg.seed,
         )
         val_labels = self.labels[self.val_indices]
         model = None
