@@ -56,7 +56,10 @@ def _subset(folder: Path) -> Path:
 
 
 def _common(data: Path, work: Path) -> list[str]:
-    return ["--data", str(data), "--work", str(work), "--batch-size", "8", "--steps-per-epoch", "2", "--patience", "5"]
+    return [
+        *("--data", str(data), "--work", str(work), "--batch-size", "8", "--steps-per-epoch", "2", "--patience", "5"),
+        "--eager",  # a few steps: compiling the training graphs would take longer than running them
+    ]
 
 
 def _sizes(member: str) -> list[str]:

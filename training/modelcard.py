@@ -114,12 +114,19 @@ def render(manifest: dict) -> str:
         "",
     ]
     for member, info in training["members"].items():
-        lines += [
-            f"- **{member}**: `{info['command']}`; {info['epochs_run']} epochs "
-            f"({info['steps_per_epoch']} steps of {info['batch_size']}), {info['seconds'] / 3600:.2f} h, "
-            f"{info['seconds_per_epoch']:.0f} s/epoch; best validation balanced accuracy {info['best_val_balanced_accuracy']:.3f} "
-            f"at epoch {info['best_epoch']}. Hyperparameters: `{info['hyperparameters']}`",
-        ]
+        lines.append(
+            f"- **{member}**: {info['epochs_run']} epochs in {info['seconds'] / 3600:.2f} h "
+            f"({info['seconds_per_epoch']:.0f} s/epoch including validation), {len(info['stages'])} stage(s):"
+        )
+        for number, stage in enumerate(info["stages"], start=1):
+            hp = stage["hyperparameters"]
+            lines.append(
+                f"  {number}. `{stage['command']}`: {stage['epochs_run']} epochs of {stage['steps_per_epoch']} "
+                f"steps x {stage['batch_size']} images, input {hp['input_size'][0]}x{hp['input_size'][1]}, "
+                f"peak learning rate {hp['learning_rate']}, sampling power {hp['sampling_power']}, label smoothing "
+                f"{hp['label_smoothing']}, init {hp['init']}{', warm start ' + hp['warm_start'] if hp.get('warm_start') else ''}; "
+                f"best validation balanced accuracy {stage['best_val_balanced_accuracy']:.3f} at epoch {stage['best_epoch']}."
+            )
     lines += [
         "",
         f"Weights storage: {prov['weights_storage']['summary']}",

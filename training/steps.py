@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from training.models import ARCHITECTURES
 from training.train import (
     CPU_PRESETS,
     GPU_PRESETS,
+    HISTORY_FIELDS,
     MemberRun,
     TrainConfig,
     resume_config,
@@ -68,6 +70,7 @@ def member_config(args: argparse.Namespace, member: str) -> TrainConfig:
         preset,
         input_size=args.input_size,
         init=args.init,
+        warm_start=str(args.warm_start) if args.warm_start else None,
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size,
@@ -78,6 +81,7 @@ def member_config(args: argparse.Namespace, member: str) -> TrainConfig:
         patience=args.patience,
         head_epochs=args.head_epochs,
         mixed_precision=args.mixed_precision,
+        run_eagerly=args.eager or None,
         seed=args.seed,
     )
 
@@ -198,26 +202,57 @@ STRONGER_BUNDLE = (
 )
 
 
-def _member_training(run: MemberRun) -> dict:
-    """How long and how a member trained, from its history, state and command files."""
-    import csv  # noqa: PLC0415 (only export reads histories)
-
-    with open(run.folder / "history.csv", newline="", encoding="utf-8") as handle:
+def _stage(folder: Path) -> tuple[dict, list[dict]]:
+    """One training run's summary and history rows, from the files it left in its folder."""
+    with open(folder / "history.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    state = run.load_state()
+    state = json.loads((folder / "state.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    command_file = folder / "command.txt"
     seconds = sum(float(r["seconds"]) for r in rows)
-    command_file = run.folder / "command.txt"
-    return {
+    summary = {
         "command": command_file.read_text().strip() if command_file.is_file() else "unknown",
         "epochs_run": len(rows),
-        "steps_per_epoch": run.config.steps_per_epoch,
-        "batch_size": run.config.batch_size,
+        "steps_per_epoch": config["steps_per_epoch"],
+        "batch_size": config["batch_size"],
         "seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / max(len(rows), 1), 1),
         "best_epoch": state["best_epoch"],
         "best_val_balanced_accuracy": round(state["best"], 4),
         "early_stopped": bool(state.get("stopped")),
-        "hyperparameters": run.config.to_json(),
+        "hyperparameters": config,
+    }
+    return summary, rows
+
+
+def _member_training(run: MemberRun, history_path: Path) -> dict:
+    """How a member was trained: its run plus, for a warm start, the runs it continued (earliest first).
+
+    Writes the combined per-epoch history (epochs numbered across stages, ``phase`` naming the stage).
+    """
+    stages, histories, folder = [], [], run.folder
+    while folder is not None:
+        summary, rows = _stage(folder)
+        stages.insert(0, summary)
+        histories.insert(0, rows)
+        warm = summary["hyperparameters"].get("warm_start")
+        folder = Path(warm).parent if warm and (Path(warm).parent / "history.csv").is_file() else None
+    with open(history_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        epoch = 0
+        for number, rows in enumerate(histories, start=1):
+            for row in rows:
+                epoch += 1
+                writer.writerow({**row, "epoch": epoch, "phase": f"stage{number}:{row['phase']}"})
+    seconds = sum(s["seconds"] for s in stages)
+    epochs = sum(s["epochs_run"] for s in stages)
+    return {
+        "stages": stages,
+        "epochs_run": epochs,
+        "seconds": round(seconds, 1),
+        "seconds_per_epoch": round(seconds / max(epochs, 1), 1),
+        "best_val_balanced_accuracy": stages[-1]["best_val_balanced_accuracy"],
     }
 
 
@@ -255,8 +290,7 @@ def run_export(args: argparse.Namespace) -> dict:
             "max_abs_probability_difference": float(np.abs(shipped[member] - float32[member]).max()),
             "test_predictions_changed": int((shipped[member].argmax(1) != float32[member].argmax(1)).sum()),
         }
-        training[member] = _member_training(run)
-        shutil.copy2(run.folder / "history.csv", staging / "figures" / f"history_{member}.csv")
+        training[member] = _member_training(run, staging / "figures" / f"history_{member}.csv")
         arch = ARCHITECTURES[member]
         members.append(
             {

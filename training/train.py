@@ -45,6 +45,7 @@ class TrainConfig:
     member: str
     input_size: tuple[int, int]
     init: str = "none"
+    warm_start: str | None = None  # a trained classifier .keras to continue from (any input size: progressive resizing)
     head: Head = field(default_factory=Head)
     batch_size: int = 32
     epochs: int = 30
@@ -65,6 +66,7 @@ class TrainConfig:
     colour: float = 0.2
     seed: int = 42
     mixed_precision: bool = False
+    run_eagerly: bool = False  # for smoke runs of a few steps, where graph compilation dominates
 
     @property
     def preprocessing(self) -> str:
@@ -186,11 +188,21 @@ class Batches(keras.utils.PyDataset):
         return x, y, self.class_weights[self.labels[rows]]
 
 
+EAGER_PREDICT_LIMIT = 256
+
+
 def predict(model: keras.Model, images: np.ndarray, indices: np.ndarray, preprocessing: str, batch_size: int = 64):
-    """Softmax probabilities (N, 7) for ``images[indices]``."""
+    """Softmax probabilities (N, 7) for ``images[indices]``.
+
+    Up to EAGER_PREDICT_LIMIT images are run eagerly: compiling a prediction graph of a 200-layer
+    network costs more than a few eager batches.
+    """
     labels = np.zeros(len(images), dtype=np.int64)
     data = Batches(images, labels, indices, batch_size, preprocessing)
-    return np.asarray(model.predict(data, verbose=0), dtype=np.float64)
+    if len(indices) > EAGER_PREDICT_LIMIT:
+        return np.asarray(model.predict(data, verbose=0), dtype=np.float64)
+    batches = [keras.ops.convert_to_numpy(model(data[i][0], training=False)) for i in range(len(data))]
+    return np.concatenate(batches).astype(np.float64) if batches else np.zeros((0, len(CLASS_CODES)))
 
 
 class _Checkpoint(keras.callbacks.Callback):
@@ -317,6 +329,10 @@ class MemberRun:
     def _trainer(self) -> keras.Model:
         cfg = self.config
         classifier = build_classifier(cfg.member, cfg.input_size, cfg.init, cfg.head, cfg.seed)
+        if cfg.warm_start:
+            # Convolution and dense weights do not depend on the input size, so a member trained at a lower
+            # resolution (or for fewer epochs) continues here with a fresh schedule.
+            classifier.set_weights(keras.models.load_model(cfg.warm_start, compile=False).get_weights())
         inputs = keras.Input((*cfg.input_size, 3), name="image")
         augmented = build_augmenter(cfg.rotation, cfg.zoom, cfg.colour, cfg.seed)(inputs)
         return keras.Model(inputs, classifier(augmented), name="trainer")
@@ -336,6 +352,7 @@ class MemberRun:
             optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
             metrics=["accuracy"],
+            run_eagerly=cfg.run_eagerly,
         )
 
     def phases(self) -> list[tuple[str, int, int]]:
