@@ -87,7 +87,9 @@ def _apply_threads(threads: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.command = "python -m training " + " ".join(argv)  # recorded with each training run
     _apply_threads(args.threads)
     from training import steps  # noqa: PLC0415 (after the thread settings)
 

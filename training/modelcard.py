@@ -115,7 +115,7 @@ def render(manifest: dict) -> str:
     ]
     for member, info in training["members"].items():
         lines.append(
-            f"- **{member}**: {info['epochs_run']} epochs in {info['seconds'] / 3600:.2f} h "
+            f"- **{member}**: {info['epochs_run']} epochs in {info['seconds'] / 60:.0f} min "
             f"({info['seconds_per_epoch']:.0f} s/epoch including validation), {len(info['stages'])} stage(s):"
         )
         for number, stage in enumerate(info["stages"], start=1):

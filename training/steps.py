@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -114,7 +113,7 @@ def run_train(args: argparse.Namespace) -> dict:
         command = run.folder / "command.txt"
         if not command.is_file():  # the command that started the run; a resume does not overwrite it
             run.folder.mkdir(parents=True, exist_ok=True)
-            command.write_text("python -m training " + " ".join(sys.argv[1:]) + "\n")
+            command.write_text(args.command + "\n")
         state = run.fit(_deadline(args.stop_at))
         results[member] = {
             "best_val_balanced_accuracy": state["best"],
@@ -195,10 +194,10 @@ STRONGER_BUNDLE = (
     "On a machine with a GPU and internet: `python -m training all --preset gpu` trains both members from "
     "ImageNet weights at 299x299 (InceptionV3) and 224x224 (DenseNet201), a 3-epoch head phase then full "
     "fine-tuning with frozen BatchNorm, mixed precision, on the full-resolution HAM10000 download "
-    "(`--data` pointing at the folder with HAM10000_metadata.csv and HAM10000_images_part_1/_part_2). Published "
-    "results for this setup are around 0.75-0.85 balanced accuracy; expect roughly 1-3 minutes per epoch per member "
-    "on one modern GPU (not measured here: this bundle's machine had none). Offline, `--init PATH` takes "
-    "locally stored ImageNet backbone weights."
+    "(`--data` pointing at the folder with HAM10000_metadata.csv and HAM10000_images_part_1/_part_2). Its time "
+    "per epoch and its accuracy were not measured for this bundle (the machine that trained it had no GPU); the "
+    "per-epoch log (`history.csv`) of such a run records both. Offline, `--init PATH` takes locally stored "
+    "ImageNet backbone weights."
 )
 
 
@@ -352,7 +351,7 @@ def run_export(args: argparse.Namespace) -> dict:
                 "summary": (
                     "Both members were trained from scratch (no ImageNet weights) on CPU at low resolution from the "
                     f"{args.data.name} copy of HAM10000, within a few hours of wall time; see Training."
-                    if all(t["hyperparameters"]["init"] == "none" for t in training.values())
+                    if all(t["stages"][0]["hyperparameters"]["init"] == "none" for t in training.values())
                     else "Members were fine-tuned from pretrained backbone weights; see Training."
                 ),
                 "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, devices {keras.distribution.list_devices()}",
