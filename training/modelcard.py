@@ -105,6 +105,9 @@ def render(manifest: dict) -> str:
         f"Weights fitted on the validation split by balanced accuracy over a 0.05 grid: "
         f"{', '.join(f'{k} {v:.2f}' for k, v in ensemble['weights'].items())} (validation balanced accuracy "
         f"{ensemble['val_balanced_accuracy']:.3f}; equal weights {ensemble['equal_weights_val_balanced_accuracy']:.3f}). "
+        f"Each member's output is divided by its training class prior to the power "
+        f"{ensemble['prior_correction']} (fitted on validation; baked into the output layer's bias), because members "
+        "were trained on class-rebalanced samples and balanced accuracy rewards prior-free scores. "
         f"Flip test-time augmentation on validation: {ensemble['val_balanced_accuracy_with_tta']:.3f} with, "
         f"{ensemble['val_balanced_accuracy_without_tta']:.3f} without; the figures above are without it, as dermscore scores.",
         "",
