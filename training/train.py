@@ -92,24 +92,11 @@ CPU_PRESETS = {
 }
 # For a GPU with internet: ImageNet initialisation, the study's resolution, head then full fine-tuning.
 GPU_PRESETS = {
-    "inceptionv3": TrainConfig(
-        member="inceptionv3",
-        input_size=(299, 299),
-        init="imagenet",
-        epochs=30,
-        learning_rate=1e-4,
-        head_epochs=3,
+    member: TrainConfig(
+        member=member, input_size=size, init="imagenet", epochs=30, learning_rate=1e-4, head_epochs=3,
         mixed_precision=True,
-    ),
-    "densenet201": TrainConfig(
-        member="densenet201",
-        input_size=(224, 224),
-        init="imagenet",
-        epochs=30,
-        learning_rate=1e-4,
-        head_epochs=3,
-        mixed_precision=True,
-    ),
+    )
+    for member, size in (("inceptionv3", (299, 299)), ("densenet201", (224, 224)))
 }
 
 
