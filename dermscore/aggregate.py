@@ -62,11 +62,19 @@ class Thresholds:
                 raise UsageError(f"{option} must be a probability between 0 and 1, got {value}.")
 
 
+def member_matrix(member_probabilities: Mapping[str, np.ndarray], bundle: Bundle) -> np.ndarray:
+    """(members, classes) float64, in the bundle's member order."""
+    return np.stack([np.asarray(member_probabilities[m.name], dtype=np.float64) for m in bundle.members])
+
+
+def _weighted_mean(members: np.ndarray, bundle: Bundle) -> np.ndarray:
+    weights = np.array([m.weight for m in bundle.members], dtype=np.float64)
+    return np.tensordot(weights / weights.sum(), members, axes=1)
+
+
 def ensemble(member_probabilities: Mapping[str, np.ndarray], bundle: Bundle) -> np.ndarray:
     """Weighted mean of member softmax outputs, weights from the manifest (normalised to sum to 1)."""
-    weights = np.array([m.weight for m in bundle.members], dtype=np.float64)
-    stacked = np.stack([np.asarray(member_probabilities[m.name], dtype=np.float64) for m in bundle.members])
-    return np.tensordot(weights / weights.sum(), stacked, axes=1)
+    return _weighted_mean(member_matrix(member_probabilities, bundle), bundle)
 
 
 def decision(probabilities: np.ndarray, bundle: Bundle) -> dict[str, Any]:
@@ -155,7 +163,8 @@ def image_row(
     scored: Scored, bundle: Bundle, thresholds: Thresholds = Thresholds(), lesion_maps: Sequence[LesionMap] = ()
 ) -> dict[str, Any]:
     """One images.csv row: identity, ensemble probabilities, decision, per-member top class and flags."""
-    probabilities = ensemble(scored.member_probabilities, bundle)
+    members = member_matrix(scored.member_probabilities, bundle)
+    probabilities = _weighted_mean(members, bundle)
     ref = scored.ref
     lesion_id, lesion_source = lesion_identity(ref, lesion_maps)
     row: dict[str, Any] = {"source": ref.location, "frame": ref.frame, "sha256": ref.sha256,
@@ -163,7 +172,6 @@ def image_row(
     row.update({key: _text(ref.attributes.get(key)) for key in IDENTITY_COLUMNS})
     row.update({code: float(p) for code, p in zip(bundle.classes, probabilities)})
     row.update(decision(probabilities, bundle))
-    members = np.stack([np.asarray(scored.member_probabilities[m.name], dtype=np.float64) for m in bundle.members])
     for member, member_probabilities in zip(bundle.members, members):
         row[member_column(member.name)] = bundle.classes[int(np.argmax(member_probabilities))]
     members_disagree, row["member_divergence"] = disagree(members, thresholds)

@@ -21,7 +21,7 @@ import numpy as np
 from dermscore.bundle import load_bundle
 from dermscore.discover import file_source
 from dermscore.infer import Predictor, score
-from dermscore.preprocess import prepare
+from dermscore.preprocess import prepare, stack_inputs
 from dermscore.records import Failure
 from dermscore.runtime import Runtime, configure, default_batch_size, device_description
 
@@ -100,7 +100,7 @@ def run_bench(
     from dermscore.decode import decode_source
 
     prepared = [prepare(decode_source(file_source(p))[0].rgb, bundle.members) for p in paths[:batch_size]]
-    batch = {m.name: np.stack([x[m.name] for x in prepared]) for m in bundle.members}
+    batch = stack_inputs(prepared, bundle.members)
     predictor(batch)  # warm-up: compile at the fixed batch shape
     batches = max(1, n_images // batch_size)
     model_only = batches * batch_size / _timed(lambda: [predictor(batch) for _ in range(batches)])

@@ -20,12 +20,11 @@ import numpy as np
 from dermscore.bundle import Bundle
 from dermscore.decode import decode_source
 from dermscore.errors import BundleError, InputError
-from dermscore.preprocess import prepare
+from dermscore.preprocess import prepare, stack_inputs
 from dermscore.records import Failure, Frame, ImageRef, Scored, Source
-from dermscore.runtime import Runtime, configure, with_precision
+from dermscore.runtime import DEFAULT_BATCH, Runtime, configure, with_precision
 from dermscore.report.thumbnail import make_thumbnail
 
-DEFAULT_BATCH_SIZE = 8
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -55,7 +54,7 @@ class Predictor:
     """Every member of a bundle, loaded once; maps member inputs to member probabilities."""
 
     def __init__(
-        self, bundle: Bundle, batch_size: int = DEFAULT_BATCH_SIZE, runtime: Runtime | None = None
+        self, bundle: Bundle, batch_size: int = DEFAULT_BATCH["cpu"], runtime: Runtime | None = None
     ) -> None:
         self.runtime = runtime or Runtime()
         self.device = configure(self.runtime)
@@ -127,8 +126,7 @@ def score(
     batch: list[Prepared] = []
 
     def flush() -> Iterator[Scored]:
-        inputs = {m.name: np.stack([p[1][m.name] for p in batch]) for m in bundle.members}
-        outputs = predictor(inputs)
+        outputs = predictor(stack_inputs([inputs for _, inputs in batch], bundle.members))
         for i, (ref, _) in enumerate(batch):
             yield Scored(ref, {name: probs[i] for name, probs in outputs.items()})
         batch.clear()

@@ -8,7 +8,7 @@ caller's array (keras' version mutates float input in place).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -54,3 +54,8 @@ def prepare(rgb: np.ndarray, members: Sequence[Member]) -> dict[str, np.ndarray]
             resized[key] = resize(rgb, member.input_size, member.resize)
         inputs[member.name] = normalize(resized[key], member.preprocessing)
     return inputs
+
+
+def stack_inputs(prepared: Sequence[Mapping[str, np.ndarray]], members: Sequence[Member]) -> dict[str, np.ndarray]:
+    """One batch per member from per-image inputs (``prepare`` outputs), in the Predictor's shape."""
+    return {m.name: np.stack([inputs[m.name] for inputs in prepared]) for m in members}
