@@ -1,8 +1,9 @@
 """Throughput benchmark: how close scoring comes to what this machine can do, in one process and run.
 
-Reports model-only and end-to-end images/s, the naive per-image ``predict`` loop of the original
-study, the ensemble's share of the measured float32 matmul ceiling, peak RSS and time to first
-result, so a throughput claim always comes with the machine's own ceiling beside it.
+Reports model-only and end-to-end images/s (for each backend asked for), the naive per-image
+``predict`` loop of the original study, the ensemble's share of the measured float32 matmul ceiling,
+peak RSS, time to first result and each setting's probability change against Keras float32, so a
+throughput claim always comes with the machine's own ceiling and its accuracy beside it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from dermscore.bundle import load_bundle
 from dermscore.discover import file_source
-from dermscore.infer import Predictor, score
+from dermscore.infer import Predictor, load_member, score
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.records import Failure
 from dermscore.runtime import Runtime, configure, default_batch_size, device_description
@@ -88,61 +89,105 @@ def peak_rss_mb() -> float:
 
 def run_bench(
     images: Sequence[Path], model: str | Path | None, batch_size: int | None, n_images: int, naive_images: int,
-    runtime: Runtime,
+    runtimes: Sequence[Runtime],
 ) -> BenchReport:
+    """Every figure for each runtime (backend) in turn, in this one process, on the same images.
+
+    The naive loop and the FLOP count always use the Keras models: the loop is the original study's
+    baseline, whatever backend is being measured.
+    """
     bundle = load_bundle(model)
-    batch_size = batch_size or default_batch_size(configure(runtime))
-    predictor = Predictor(bundle, batch_size, runtime)
+    device = configure(runtimes[0])
+    batch_size = batch_size or default_batch_size(device)
     paths = list(islice(cycle(images), n_images))
-    next(r for r in score([file_source(paths[0])], predictor) if not isinstance(r, Failure))
-    time_to_first = seconds_since_process_start()
 
     from dermscore.decode import decode_source
 
     prepared = [prepare(decode_source(file_source(p))[0].rgb, bundle.members) for p in paths[:batch_size]]
     batch = stack_inputs(prepared, bundle.members)
-    predictor(batch)  # warm-up: compile at the fixed batch shape
-    batches = max(1, n_images // batch_size)
-    model_only = batches * batch_size / _timed(lambda: [predictor(batch) for _ in range(batches)])
+    rows: list[tuple[str, str]] = []
+    rates: list[tuple[str, float, float]] = []  # (label, model-only, end-to-end)
+    predictors: list[Predictor] = []
+    for runtime in runtimes:
+        predictor = Predictor(bundle, batch_size, runtime)
+        predictors.append(predictor)
+        label = _label(predictor)
+        next(r for r in score([file_source(paths[0])], predictor) if not isinstance(r, Failure))
+        if len(predictors) == 1:
+            rows.append(("time to first result", f"{seconds_since_process_start():.1f} s from process start "
+                         f"({label}: imports, load, verify, export if not cached, first batch)"))
+        rates.append((label, *_throughput(predictor, batch, paths)))
+        rows.append((f"peak RSS after {label}", f"{peak_rss_mb():.0f} MB"))
 
+    keras_models = next((p.models for p in predictors if p.backend == "keras"), None) or {
+        m.name: load_member(bundle.member_path(m), runtimes[0]) for m in bundle.members}
+
+    def naive(count: int) -> None:
+        for p in paths[:count]:
+            inputs = prepare(decode_source(file_source(p))[0].rgb, bundle.members)
+            for member in bundle.members:
+                keras_models[member.name].predict(inputs[member.name][None], verbose=0)
+
+    naive(1)  # warm-up, so the loop is not charged for building predict's function
+    naive_rate = naive_images / _timed(lambda: naive(naive_images))
+    flops = sum(model_flops(keras_models[m.name]) for m in bundle.members)
+    ceiling = matmul_gflops()
+    ceiling_rate = ceiling * 1e9 / flops
+    table = [
+        ("device", device_description(device)),
+        ("bundle", f"{bundle.name} {bundle.version}: "
+                   + ", ".join(f"{m.architecture} {m.input_size[0]}x{m.input_size[1]}" for m in bundle.members)),
+        ("images, batch size", f"{n_images} ({len(images)} distinct files), batch {batch_size}"),
+        ("ensemble GFLOPs / image", f"{flops / 1e9:.2f}"),
+        ("matmul ceiling", f"{ceiling:.0f} GFLOP/s -> {ceiling_rate:.2f} images/s for this ensemble"),
+    ]
+    for label, model_only, e2e in rates:
+        table += [
+            (f"model-only ({label})", f"{model_only:.2f} images/s ({model_only / ceiling_rate:.0%} of ceiling)"),
+            (f"end-to-end ({label})", f"{e2e:.2f} images/s ({e2e / ceiling_rate:.0%} of ceiling, "
+                                      f"{e2e / model_only:.0%} of model-only, {e2e / naive_rate:.1f}x naive)"),
+        ]
+    table.append(("naive predict loop (keras)", f"{naive_rate:.2f} images/s"))
+    return BenchReport(table + rows + _differences(predictors, batch))
+
+
+def _label(predictor: Predictor) -> str:
+    runtime = predictor.runtime
+    return f"{predictor.backend}, {runtime.precision}" + (", xla" if runtime.xla else "")
+
+
+def _throughput(predictor: Predictor, batch: dict[str, np.ndarray], paths: Sequence[Path]) -> tuple[float, float]:
+    """Model-only images/s on one prepared batch, then end-to-end images/s from the files."""
+    predictor(batch)  # warm-up: compile at the fixed batch shape
+    batches = max(1, len(paths) // predictor.batch_size)
+    model_only = batches * predictor.batch_size / _timed(lambda: [predictor(batch) for _ in range(batches)])
     count = 0
 
     def end_to_end() -> None:
         nonlocal count
         count = sum(1 for r in score([file_source(p) for p in paths], predictor) if not isinstance(r, Failure))
 
-    e2e = n_images / _timed(end_to_end)
-    if count != n_images:
-        raise RuntimeError(f"benchmark images failed to score: {n_images - count} of {n_images}")
+    e2e = len(paths) / _timed(end_to_end)
+    if count != len(paths):
+        raise RuntimeError(f"benchmark images failed to score: {len(paths) - count} of {len(paths)}")
+    return model_only, e2e
 
-    def naive(count: int) -> None:
-        for p in paths[:count]:
-            inputs = prepare(decode_source(file_source(p))[0].rgb, bundle.members)
-            for member in bundle.members:
-                predictor.models[member.name].predict(inputs[member.name][None], verbose=0)
 
-    naive(1)  # warm-up, so the loop is not charged for building predict's function
-    naive_rate = naive_images / _timed(lambda: naive(naive_images))
-    precision_rows = []
-    if runtime.precision != "float32":
-        reference = Predictor(bundle, batch_size, Runtime(runtime.device, "float32", False))
-        diff = max(float(np.abs(predictor(batch)[m] - reference(batch)[m]).max()) for m in predictor.models)
-        precision_rows = [(f"{runtime.precision} vs float32", f"max |probability difference| {diff:.2e}")]
-    flops = sum(model_flops(predictor.models[m.name]) for m in bundle.members)
-    ceiling = matmul_gflops()
-    ceiling_rate = ceiling * 1e9 / flops
-    rows = [
-        ("device", f"{device_description(predictor.device)}; precision {runtime.precision}; xla {runtime.xla}"),
-        ("bundle", f"{bundle.name} {bundle.version}: "
-                   + ", ".join(f"{m.architecture} {m.input_size[0]}x{m.input_size[1]}" for m in bundle.members)),
-        ("images, batch size", f"{n_images} ({len(images)} distinct files), batch {batch_size}"),
-        ("ensemble GFLOPs / image", f"{flops / 1e9:.2f}"),
-        ("matmul ceiling", f"{ceiling:.0f} GFLOP/s -> {ceiling_rate:.2f} images/s for this ensemble"),
-        ("model-only", f"{model_only:.2f} images/s ({model_only / ceiling_rate:.0%} of ceiling)"),
-        ("end-to-end", f"{e2e:.2f} images/s ({e2e / ceiling_rate:.0%} of ceiling, {e2e / model_only:.0%} of model-only)"),
-        ("naive predict loop", f"{naive_rate:.2f} images/s (end-to-end is {e2e / naive_rate:.1f}x)"),
-        ("time to first result", f"{time_to_first:.1f} s from process start (imports, load, verify, first batch)"),
-        ("peak RSS", f"{peak_rss_mb():.0f} MB"),
-        *precision_rows,
-    ]
-    return BenchReport(rows)
+def _differences(predictors: Sequence[Predictor], batch: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    """Each measured setting's largest probability change against Keras float32 (the reference)."""
+    def is_reference(p: Predictor) -> bool:
+        return p.backend == "keras" and p.runtime.precision == "float32" and not p.runtime.xla
+
+    others = [p for p in predictors if not is_reference(p)]
+    if not others:
+        return []
+    first = predictors[0]
+    reference = next((p for p in predictors if is_reference(p)), None) or Predictor(
+        first.bundle, first.batch_size, replace(first.runtime, precision="float32", xla=False, backend="keras"))
+    expected = reference(batch)
+    rows = []
+    for p in others:
+        got = p(batch)
+        diff = max(float(np.abs(got[m] - expected[m]).max()) for m in expected)
+        rows.append((f"{_label(p)} vs keras float32", f"max |probability difference| {diff:.2e}"))
+    return rows

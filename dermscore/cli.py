@@ -40,6 +40,7 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu or gpu; gpu fails clearly when none is found.")] = "auto",
     precision: Annotated[str, typer.Option(help="float32, or mixed float16/bfloat16 (GPU; see README).")] = "float32",
     xla: Annotated[bool, typer.Option("--xla/--no-xla", help="Compile the members with XLA.")] = False,
+    backend: Annotated[str, typer.Option(help="auto, keras or onnx: onnx runs the members in ONNX Runtime on CPU (needs dermscore[onnx]); auto picks it on CPU when installed.")] = "auto",
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
     lesion_map: Annotated[Optional[Path], typer.Option(help="CSV with columns image,lesion_id: images of one lesion.")] = None,
     metadata: Annotated[Optional[Path], typer.Option(help="HAM10000-style CSV with image_id (file stem) and lesion_id.")] = None,
@@ -86,7 +87,7 @@ def run(
         job = load_job(config, RunOptions) if config else {}
         options = RunOptions(
             inputs=inputs or [], out=out, model=model, batch_size=batch_size, progress=progress,
-            device=device, precision=precision, xla=xla,
+            device=device, precision=precision, xla=xla, backend=backend,
             thresholds=_table(ctx, job.pop("thresholds", Thresholds()), threshold_options),
             lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, pseudonymize=pseudonymize,
             pseudonym_key_file=pseudonym_key_file, overwrite=overwrite, lesion_attribute=lesion_attribute,
@@ -184,10 +185,11 @@ def bench(
     device: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
     precision: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     xla: Annotated[bool, typer.Option("--xla/--no-xla", help="Compile the members with XLA.")] = False,
+    backend: Annotated[Optional[list[str]], typer.Option(help="auto, keras or onnx; repeat to compare backends in one run (default: auto).")] = None,
 ) -> None:
     """Measure model-only and end-to-end throughput against this machine's matmul ceiling.
 
-    Example: dermscore bench ../shared/data/ham10000-600x450-sample/images --images 128
+    Example: dermscore bench ../shared/data/ham10000-600x450-sample/images --images 128 --backend keras --backend onnx
     """
     from dermscore.bench import run_bench
     from dermscore.discover import discover
@@ -198,7 +200,8 @@ def bench(
         paths = [Path(s.location) for s in discover(images) if isinstance(s, Source)]
         if not paths:
             raise UsageError(f"no images found under {', '.join(map(str, images))}")
-        report = run_bench(paths, model, batch_size, n_images, naive_images, Runtime(device, precision, xla))
+        runtimes = [Runtime(device, precision, xla, name) for name in backend or ["auto"]]
+        report = run_bench(paths, model, batch_size, n_images, naive_images, runtimes)
     except DermscoreError as exc:
         _fail(exc)
     typer.echo(report.table())

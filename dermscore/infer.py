@@ -3,11 +3,13 @@
 The Predictor follows the Ray Data batch-inference shape — load in ``__init__``, then
 ``__call__(batch: dict[str, ndarray]) -> dict[str, ndarray]`` — so the local engine and a Ray actor
 pool use it unchanged. Batches are padded to one fixed size, so the last partial batch reuses the
-compiled function instead of retracing.
+compiled function instead of retracing. Members run in Keras or, on CPU, in ONNX Runtime
+(``dermscore.onnx_backend``; ``Runtime.backend`` chooses).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,12 +19,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from dermscore.bundle import Bundle
+from dermscore.bundle import Bundle, Member
 from dermscore.decode import decode_source
 from dermscore.errors import BundleError, InputError
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.records import Failure, Frame, ImageRef, Scored, Source
-from dermscore.runtime import DEFAULT_BATCH, Runtime, configure, with_precision
+from dermscore.runtime import DEFAULT_BATCH, Runtime, configure, resolve_backend, with_precision
 from dermscore.report.thumbnail import make_thumbnail
 
 T = TypeVar("T")
@@ -58,9 +60,10 @@ class Predictor:
     ) -> None:
         self.runtime = runtime or Runtime()
         self.device = configure(self.runtime)
+        self.backend = resolve_backend(self.runtime, self.device)
         self.bundle = bundle
         self.batch_size = batch_size
-        self.models = {m.name: load_member(bundle.member_path(m), self.runtime) for m in bundle.members}
+        self.models = self._load_models()
         for member in bundle.members:
             model = self.models[member.name]
             expected = (None, *member.input_size, 3)
@@ -69,6 +72,28 @@ class Predictor:
                     f"{bundle.member_path(member)}: model input is {model.input_shape} but {bundle.name}'s "
                     f"manifest declares {expected}; the manifest and weights do not belong together."
                 )
+
+    def _load_models(self) -> dict[str, Any]:
+        """Each member as an object with ``predict_on_batch``: a Keras model or an ONNX Runtime session.
+
+        With ``--backend auto`` a member that cannot be exported faithfully costs a warning and the
+        Keras path, not the run; ``--backend onnx`` makes it an error.
+        """
+
+        def keras_member(member: Member) -> Any:
+            return load_member(self.bundle.member_path(member), self.runtime)
+
+        if self.backend == "onnx":
+            from dermscore.onnx_backend import load_onnx_members
+
+            try:
+                return load_onnx_members(self.bundle, keras_member)
+            except BundleError as exc:
+                if self.runtime.backend == "onnx":
+                    raise
+                warnings.warn(f"{exc} Scoring with Keras instead.", RuntimeWarning, stacklevel=3)
+                self.backend = "keras"
+        return {m.name: keras_member(m) for m in self.bundle.members}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``batch[member]`` is (n, h, w, 3) float32 with n <= batch_size; returns ``member -> (n, classes)``."""

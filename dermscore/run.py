@@ -42,6 +42,7 @@ class RunOptions:
     device: str = "auto"  # auto | cpu | gpu
     precision: str = "float32"  # float32 | float16 | bfloat16 (mixed precision, for GPUs)
     xla: bool = False
+    backend: str = "auto"  # auto | keras | onnx (ONNX Runtime on CPU; dermscore.runtime.resolve_backend)
     progress: bool | None = None  # None: only when stderr is a terminal
     thresholds: Thresholds = field(default_factory=Thresholds)
     lesion_map: Path | None = None  # CSV image,lesion_id
@@ -158,7 +159,7 @@ def _score_into_ledger(
         summary.interrupted = True
     if summary.interrupted or not sources:
         return  # nothing to score: no model load, so a night with no new images costs seconds
-    runtime = Runtime(options.device, options.precision, options.xla)
+    runtime = Runtime(options.device, options.precision, options.xla, options.backend)
     if options.engine == "ray":
         from dermscore.engines.ray import score_on_ray  # Ray is imported only by runs that ask for it
 

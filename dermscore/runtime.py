@@ -1,4 +1,4 @@
-"""Compute settings for inference: device, precision, XLA, threads — applied once, before Keras loads.
+"""Compute settings for inference: device, backend, precision, XLA — applied once, before Keras loads.
 
 TensorFlow reads several of these only at import time (oneDNN, visible GPUs), so ``configure`` must
 run before the first ``import keras``; ``dermscore.infer.load_keras`` does that for every code path.
@@ -14,6 +14,7 @@ from dermscore.errors import UsageError
 
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "float16", "bfloat16")
+BACKENDS = ("auto", "keras", "onnx")
 # Measured on the 2-core CPU (see README, "Throughput"): per-image speed is flat from batch 8 up, and
 # small batches keep the latency to the first result low; GPUs want bigger batches.
 DEFAULT_BATCH = {"cpu": 8, "gpu": 32}
@@ -24,12 +25,15 @@ class Runtime:
     device: str = "auto"
     precision: str = "float32"
     xla: bool = False
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
 
 
 _applied: dict[str, str] = {}
@@ -70,6 +74,35 @@ def _select_device(requested: str) -> str:
             "(`pip install 'dermscore[gpu]'`), check `nvidia-smi`, or run with --device cpu."
         )
     return "gpu" if gpus else "cpu"
+
+
+def resolve_backend(runtime: Runtime, device: str) -> str:
+    """'keras' or 'onnx' for a run on ``device``.
+
+    ``auto`` takes ONNX Runtime where it is the faster path we measured and checked: CPU, float32, no
+    XLA, with the ``onnx`` extra installed; everything else (GPUs, mixed precision, XLA) stays on Keras.
+    ``onnx`` asked for where it cannot run is a usage error rather than a silent switch.
+    """
+    from dermscore.onnx_backend import missing_packages
+
+    if runtime.backend == "keras":
+        return "keras"
+    problems = [
+        *([f"it runs on the CPU only, and this run is on the {device.upper()}"] if device != "cpu" else []),
+        *([f"it exports float32 models only, not --precision {runtime.precision}"]
+          if runtime.precision != "float32" else []),
+        *(["it cannot be combined with --xla"] if runtime.xla else []),
+        *([f"it exports through TensorFlow, not KERAS_BACKEND={keras_backend()}"]
+          if keras_backend() != "tensorflow" else []),
+    ]
+    if runtime.backend == "auto":
+        return "keras" if problems or missing_packages() else "onnx"
+    missing = missing_packages()
+    if missing:
+        problems.append(f"{', '.join(missing)} cannot be imported; install them with `pip install 'dermscore[onnx]'`")
+    if problems:
+        raise UsageError("--backend onnx: " + "; ".join(problems) + ". Or run with --backend keras.")
+    return "onnx"
 
 
 def keras_backend() -> str:

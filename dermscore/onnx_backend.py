@@ -1,0 +1,191 @@
+"""ONNX Runtime CPU backend: each member exported from Keras once, cached, and checked against Keras.
+
+Why: on our 2-core AVX2 CPU, TensorFlow's ``predict_on_batch`` reaches about half of the machine's
+float32 matmul ceiling for the ensemble; ONNX Runtime runs the same graphs at about 90% of it, with
+outputs within 1e-7 of Keras (README, "Throughput and devices"). Export (tf2onnx, through Keras'
+``model.export(format="onnx")``) takes 30-50 s per full-size member, so it happens lazily on first use
+and the file is cached, keyed by the member's weight sha256 and every tool version that shapes the
+graph or its numerics. A fresh export is used only after it matches Keras within ``PROBE_TOLERANCE``
+on a probe batch; a cached one is used only while its own sha256 matches the note written beside it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermscore.bundle import Bundle, Member, sha256_file
+from dermscore.errors import BundleError
+from dermscore.preprocess import prepare
+from dermscore.report.files import atomic_path
+
+CACHE_ENV = "DERMSCORE_CACHE"
+PROBE_TOLERANCE = 1e-4  # the issue's bar for any backend against the Keras reference
+PROBE_IMAGES = 4
+OPSET = 17
+# Bump when the export or check below changes, so caches written by older code are not reused.
+EXPORT_FORMAT = 1
+REQUIRED = ("onnxruntime", "tf2onnx", "onnx")
+KEYED_VERSIONS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime")
+
+
+def missing_packages() -> list[str]:
+    """The packages this backend needs that are not importable here (found without importing them:
+    tf2onnx alone takes seconds to import, and a cached export never needs it)."""
+    return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+
+
+def cache_dir() -> Path:
+    """``$DERMSCORE_CACHE``, else ``$XDG_CACHE_HOME/dermscore``, else ``~/.cache/dermscore``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dermscore"
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: SMT siblings share one core's FMA units, so threads beyond
+    the physical cores only contend (and a thread per logical core starves the decoding threads)."""
+    cores: set[tuple[str, str]] = set()
+    try:
+        for block in Path("/proc/cpuinfo").read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if "core id" in fields:
+                cores.add((fields.get("physical id", "0"), fields["core id"]))
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(len(cores) or usable, usable))
+
+
+def session_options(threads: int | None = None) -> Any:
+    """Intra-op threads = physical cores, sequential execution (the CNNs are chains: parallel branches
+    bought nothing measurable), every graph optimisation."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxModel:
+    """One exported member in an ONNX Runtime session, with the slice of Keras' API the Predictor uses."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        self.path = path
+        self.session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        (model_input,) = self.session.get_inputs()
+        self.input_name = model_input.name
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in model_input.shape)
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def load_onnx_members(bundle: Bundle, load_keras: Callable[[Member], Any]) -> dict[str, OnnxModel]:
+    """Every member as an ONNX Runtime session, exporting (with ``load_keras``) those not cached yet."""
+    return {m.name: OnnxModel(cached_export(bundle, m, load_keras)) for m in bundle.members}
+
+
+def cache_key(member: Member) -> str:
+    """The member's weights plus every version that shapes the exported graph or its numerics."""
+    versions = json.dumps({"format": EXPORT_FORMAT, "opset": OPSET, **tool_versions()}, sort_keys=True)
+    return f"{member.sha256[:32]}-{hashlib.sha256(versions.encode()).hexdigest()[:12]}"
+
+
+def tool_versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in KEYED_VERSIONS}
+
+
+def cached_export(bundle: Bundle, member: Member, load_keras: Callable[[Member], Any]) -> Path:
+    """The checked ONNX file for ``member``: the cached one if intact, else a fresh export.
+
+    Concurrent runs take a per-member lock, so one exports while the others wait and then reuse it.
+    """
+    folder = cache_dir() / "onnx"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(
+            f"cannot create the ONNX cache folder {folder} ({exc.strerror or exc}); set {CACHE_ENV} to a "
+            "writable folder or run with --backend keras."
+        ) from exc
+    key = cache_key(member)
+    path, note_path = folder / f"{key}.onnx", folder / f"{key}.json"
+    with _locked(folder / f"{key}.lock"):
+        if _intact(path, note_path):
+            return path
+        note = _export_and_check(load_keras(member), bundle, member, path)
+        with atomic_path(note_path) as tmp:
+            tmp.write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the descriptor closes
+        yield
+
+
+def _intact(path: Path, note_path: Path) -> bool:
+    """A cached export counts only with its note and an unchanged sha256 (a torn or edited file is rebuilt)."""
+    try:
+        note = json.loads(note_path.read_text(encoding="utf-8"))
+        return path.is_file() and note.get("onnx_sha256") == sha256_file(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) -> dict[str, Any]:
+    """Export ``model`` to ``path`` (atomically), refusing it unless it matches Keras on a probe batch."""
+    import tensorflow as tf
+
+    probe = np.stack([prepare(image, (member,))[member.name] for image in probe_images()])
+    expected = np.asarray(model.predict_on_batch(probe), dtype=np.float64)
+    where = f"{bundle.member_path(member)} (member '{member.name}' of {bundle.name})"
+    with atomic_path(path) as tmp:
+        try:
+            signature = [tf.TensorSpec((None, *member.input_size, 3), tf.float32, name="image")]
+            model.export(str(tmp), format="onnx", verbose=False, input_signature=signature, opset_version=OPSET)
+            got = OnnxModel(tmp).predict_on_batch(probe)
+        except Exception as exc:  # tf2onnx raises whatever its converters raise; name it and move on
+            raise BundleError(f"{where}: the ONNX export failed ({type(exc).__name__}: {exc}). "
+                              "Run with --backend keras.") from exc
+        diff = float(np.abs(got - expected).max())
+        if not diff <= PROBE_TOLERANCE:
+            raise BundleError(
+                f"{where}: the ONNX export differs from Keras by {diff:.2e} on a probe batch (more than "
+                f"{PROBE_TOLERANCE:g}); refusing to score with it. Run with --backend keras."
+            )
+        onnx_sha256 = sha256_file(tmp)
+    return {
+        "bundle": bundle.name, "member": member.name, "weights_sha256": member.sha256,
+        "onnx_sha256": onnx_sha256, "opset": OPSET, "versions": tool_versions(),
+        "probe_images": PROBE_IMAGES, "max_abs_diff_vs_keras": diff,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def probe_images() -> list[np.ndarray]:
+    """Fixed random RGB images: every pixel value occurs, so the whole preprocessed range is exercised."""
+    rng = np.random.default_rng(20260101)
+    return [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(PROBE_IMAGES)]

@@ -1,0 +1,141 @@
+"""ONNX Runtime backend: equal to Keras through `dermscore run`, cached exports reused, damage rebuilt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import dermscore.onnx_backend as onnx_backend
+from dermscore.bundle import CLASS_CODES, load_bundle
+from dermscore.cli import app
+from dermscore.errors import BundleError, UsageError
+from dermscore.infer import Predictor
+from dermscore.onnx_backend import CACHE_ENV, OnnxModel, cache_key
+from dermscore.preprocess import prepare, stack_inputs
+from dermscore.runtime import Runtime, resolve_backend
+
+pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'dermscore[onnx]') is not installed")
+pytest.importorskip("tf2onnx", reason="the onnx extra (pip install 'dermscore[onnx]') is not installed")
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(folder))
+    return folder / "onnx"
+
+
+def exports(cache: Path) -> dict[str, tuple[int, int]]:
+    """Each cached ONNX file with its (inode, mtime_ns): a rewrite changes at least one of them."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(cache.glob("*.onnx"))}
+
+
+def scores(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "images.csv").set_index("source").sort_index()
+
+
+def test_onnx_run_equals_keras_and_a_second_run_reuses_the_export(
+    small_bundle: Path, sample_images: list[Path], cache: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    images = [str(p) for p in sample_images[:5]]
+    job = tmp_path / "job.toml"
+    job.write_text('backend = "keras"\n', encoding="utf-8")  # the job-file key, like every run option
+    keras_run = runner.invoke(app, ["run", *images, "--model", str(small_bundle), "--out", str(tmp_path / "k"),
+                                    "--config", str(job), "--batch-size", "4"])
+    assert keras_run.exit_code == 0, keras_run.output
+    assert not cache.exists()  # the Keras backend never exports
+
+    onnx_run = runner.invoke(app, ["run", *images, "--model", str(small_bundle), "--out", str(tmp_path / "o"),
+                                   "--backend", "onnx", "--batch-size", "4"])
+    assert onnx_run.exit_code == 0, onnx_run.output
+    first = exports(cache)
+    assert len(first) == 2  # one export per member
+    notes = [json.loads(p.read_text()) for p in cache.glob("*.json")]
+    assert sorted(n["member"] for n in notes) == ["densenet201", "inceptionv3"]
+    assert all(n["max_abs_diff_vs_keras"] <= TOLERANCE for n in notes)
+
+    again = runner.invoke(app, ["run", *images, "--model", str(small_bundle), "--out", str(tmp_path / "a"),
+                                "--batch-size", "4"])  # auto: ONNX on this CPU-only machine
+    assert again.exit_code == 0, again.output
+    assert exports(cache) == first  # same files, untouched: no second export
+
+    keras, onnx, auto = scores(tmp_path / "k"), scores(tmp_path / "o"), scores(tmp_path / "a")
+    assert list(onnx.index) == list(keras.index) == images
+    columns = [*CLASS_CODES, "malignant_probability", "confidence"]
+    assert np.abs(onnx[columns].to_numpy() - keras[columns].to_numpy()).max() <= TOLERANCE
+    assert (onnx["predicted_class"] == keras["predicted_class"]).all()
+    np.testing.assert_array_equal(auto[columns].to_numpy(), onnx[columns].to_numpy())
+
+
+def test_a_damaged_cached_export_is_rebuilt(small_bundle: Path, cache: Path) -> None:
+    bundle = load_bundle(small_bundle)
+    onnx = Runtime(backend="onnx")
+    Predictor(bundle, 2, onnx)
+    member = bundle.members[0]
+    path = cache / f"{cache_key(member)}.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: still loads, silently wrong
+    path.write_bytes(bytes(data))
+    damaged = path.stat().st_mtime_ns
+
+    predictor = Predictor(bundle, 2, onnx)
+    assert path.stat().st_mtime_ns != damaged
+    assert isinstance(predictor.models[member.name], OnnxModel)
+    note = json.loads(path.with_suffix(".json").read_text())
+    assert note["onnx_sha256"] != "" and note["max_abs_diff_vs_keras"] <= TOLERANCE
+
+    batch = stack_inputs([prepare(rgb, bundle.members) for rgb in onnx_backend.probe_images()[:2]], bundle.members)
+    expected = Predictor(bundle, 2, Runtime(backend="keras"))(batch)
+    got = predictor(batch)
+    for name in expected:
+        assert np.abs(got[name] - expected[name]).max() <= TOLERANCE
+
+
+def test_an_export_that_differs_from_keras_is_refused_or_replaced_by_keras(
+    small_bundle: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = load_bundle(small_bundle)
+    monkeypatch.setattr(onnx_backend, "PROBE_TOLERANCE", -1.0)  # no export can pass this check
+    with pytest.raises(BundleError, match="differs from Keras.*--backend keras"):
+        Predictor(bundle, 2, Runtime(backend="onnx"))
+    assert not list(cache.glob("*.onnx"))  # nothing unchecked is left for the next run
+    with pytest.warns(RuntimeWarning, match="Scoring with Keras instead"):
+        predictor = Predictor(bundle, 2, Runtime(backend="auto"))
+    assert predictor.backend == "keras"
+
+
+def test_onnx_is_chosen_only_where_it_was_measured_and_refused_clearly_elsewhere() -> None:
+    assert resolve_backend(Runtime(), "cpu") == "onnx"
+    assert resolve_backend(Runtime(), "gpu") == "keras"
+    assert resolve_backend(Runtime(precision="float16"), "cpu") == "keras"
+    assert resolve_backend(Runtime(backend="keras"), "cpu") == "keras"
+    with pytest.raises(UsageError, match="--backend onnx: .*--precision bfloat16.*--xla"):
+        resolve_backend(Runtime(backend="onnx", precision="bfloat16", xla=True), "cpu")
+    with pytest.raises(UsageError, match="--backend must be one of auto, keras, onnx"):
+        Runtime(backend="tflite")
+
+
+def test_backend_onnx_without_onnxruntime_is_a_usage_error(
+    small_bundle: Path, sample_images: list[Path], tmp_path: Path
+) -> None:
+    # sys.modules[name] = None is Python's own way to make a package unimportable in one process.
+    code = ("import sys; sys.modules['onnxruntime'] = None; from dermscore.cli import main; "
+            "sys.argv[0] = 'dermscore'; main()")
+    done = subprocess.run(
+        [sys.executable, "-c", code, "run", str(sample_images[0]), "--model", str(small_bundle),
+         "--out", str(tmp_path / "r"), "--backend", "onnx"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--backend onnx" in done.stderr and "onnxruntime" in done.stderr and "dermscore[onnx]" in done.stderr
+    assert not (tmp_path / "r" / "images.csv").exists()
