@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -165,7 +166,9 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
     with atomic_path(path) as tmp:
         try:
             signature = [tf.TensorSpec((None, *member.input_size, 3), tf.float32, name="image")]
-            model.export(str(tmp), format="onnx", verbose=False, input_signature=signature, opset_version=OPSET)
+            with warnings.catch_warnings():  # Keras' numpy-2 patch for tf2onnx probes np.object and warns
+                warnings.simplefilter("ignore", FutureWarning)
+                model.export(str(tmp), format="onnx", verbose=False, input_signature=signature, opset_version=OPSET)
             got = OnnxModel(tmp).predict_on_batch(probe)
         except Exception as exc:  # tf2onnx raises whatever its converters raise; name it and move on
             raise BundleError(f"{where}: the ONNX export failed ({type(exc).__name__}: {exc}). "
