@@ -13,11 +13,12 @@ from dermscore.discover import file_source
 from dermscore.infer import Predictor, bounded_map, score
 from dermscore.preprocess import prepare
 from dermscore.records import Failure, Scored
+from dermscore.runtime import Runtime
 
 
 def test_predictor_matches_direct_model_calls_and_pads_partial_batches(small_bundle: Path) -> None:
     bundle = load_bundle(small_bundle)
-    predictor = Predictor(bundle, batch_size=4)
+    predictor = Predictor(bundle, batch_size=4, runtime=Runtime(backend="keras"))  # called directly below
     images = [image_array(i) for i in range(3)]
     inputs = [prepare(rgb, bundle.members) for rgb in images]
     batch = {m.name: np.stack([x[m.name] for x in inputs]) for m in bundle.members}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from conftest import image_array
@@ -41,10 +43,18 @@ def test_mixed_precision_stays_close_to_float32(small_bundle: Path) -> None:
         np.testing.assert_allclose(out[name].sum(axis=1), 1.0, atol=2e-3)
 
 
-def test_bench_prints_every_figure(small_bundle: Path, sample_images: list[Path]) -> None:
+def test_bench_prints_every_figure_for_each_backend(
+    small_bundle: Path, sample_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DERMSCORE_CACHE", str(tmp_path / "cache"))
     result = CliRunner().invoke(
-        app, ["bench", str(sample_images[0].parent), "--model", str(small_bundle), "--images", "8", "--naive-images", "2"]
+        app, ["bench", str(sample_images[0].parent), "--model", str(small_bundle), "--images", "8", "--naive-images", "2",
+              "--backend", "keras", "--backend", "onnx"]
     )
     assert result.exit_code == 0, result.output
-    for label in ("matmul ceiling", "model-only", "end-to-end", "naive predict loop", "time to first result", "peak RSS"):
+    for label in ("matmul ceiling", "naive predict loop", "time to first result", "peak RSS after keras",
+                  "model-only (keras, float32)", "end-to-end (keras, float32)",
+                  "model-only (onnx, float32)", "end-to-end (onnx, float32)"):
         assert label in result.output
+    diff = re.search(r"onnx, float32 vs keras float32 +max \|probability difference\| (\S+)", result.output)
+    assert diff and float(diff.group(1)) <= 1e-4, result.output

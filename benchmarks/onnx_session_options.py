@@ -1,0 +1,79 @@
+"""Which ONNX Runtime session settings help: model-only images/s per member for each variant.
+
+Uses the cached, checked exports of a bundle (exported on first use, as `dermscore run` does), so run
+it after `python benchmarks/random_weights_bundle.py /tmp/bench-bundle`:
+
+    python benchmarks/onnx_session_options.py /tmp/bench-bundle [images-per-measurement]
+
+The chosen settings live in ``dermscore.onnx_backend.session_options``; this script measures each
+against them, one change at a time, on the same prepared batch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def variants(ort: Any, cores: int) -> dict[str, dict[str, Any]]:
+    """Name -> changes to the chosen options (attributes, or 'config' entries, or 'batch')."""
+    return {
+        "chosen (physical cores, sequential, all optimisations, batch 8)": {},
+        "batch 1": {"batch": 1},
+        "batch 16": {"batch": 16},
+        "1 intra-op thread": {"intra_op_num_threads": 1},
+        f"{2 * cores} intra-op threads": {"intra_op_num_threads": 2 * cores},
+        "parallel execution": {"execution_mode": ort.ExecutionMode.ORT_PARALLEL, "inter_op_num_threads": cores},
+        "basic optimisations only": {"graph_optimization_level": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC},
+        "no spinning": {"config": {"session.intra_op.allow_spinning": "0"}},
+    }
+
+
+def measure(path: Path, size: tuple[int, int], changes: dict[str, Any], images: int) -> float:
+    import onnxruntime as ort
+
+    from dermscore.onnx_backend import session_options
+
+    options = session_options()
+    for key, value in changes.items():
+        if key == "config":
+            for entry, setting in value.items():
+                options.add_session_config_entry(entry, setting)
+        elif key != "batch":
+            setattr(options, key, value)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    batch = changes.get("batch", 8)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, *size, 3)).astype(np.float32)
+    name = session.get_inputs()[0].name
+    session.run(None, {name: x})  # warm-up
+    runs = max(1, images // batch)
+    start = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, {name: x})
+    return runs * batch / (time.perf_counter() - start)
+
+
+def main(bundle_path: Path, images: int) -> None:
+    import onnxruntime as ort
+
+    from dermscore.bundle import load_bundle
+    from dermscore.infer import load_member
+    from dermscore.onnx_backend import cached_export, physical_cores
+    from dermscore.runtime import Runtime
+
+    bundle = load_bundle(bundle_path)
+    paths = {m.name: cached_export(bundle, m, lambda m: load_member(bundle.member_path(m), Runtime()))
+             for m in bundle.members}
+    print(f"onnxruntime {ort.__version__}, {physical_cores()} physical cores, {images} images per measurement")
+    print("variant".ljust(64) + "".join(m.name.rjust(14) for m in bundle.members) + "   (images/s)")
+    for label, changes in variants(ort, physical_cores()).items():
+        rates = [measure(paths[m.name], m.input_size, changes, images) for m in bundle.members]
+        print(label.ljust(64) + "".join(f"{r:14.2f}" for r in rates), flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/bench-bundle"), int(sys.argv[2]) if len(sys.argv) > 2 else 32)
