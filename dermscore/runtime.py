@@ -7,7 +7,9 @@ run before the first ``import keras``; ``dermscore.infer.load_keras`` does that 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dermscore.errors import UsageError
@@ -63,9 +65,13 @@ def configure(runtime: Runtime) -> str:
 def _select_device(requested: str) -> str:
     if keras_backend() != "tensorflow":
         return "gpu" if requested == "gpu" else "cpu"  # other backends pick their device themselves
+    if requested == "cpu" or (requested == "auto" and not _gpu_driver_present()):
+        # Not importing TensorFlow to learn what is already known spares the ONNX backend with a cached
+        # export 4 s and ~800 MB: TensorFlow then never loads at all.
+        return "cpu"
     import tensorflow as tf
 
-    gpus = [] if requested == "cpu" else tf.config.list_physical_devices("GPU")
+    gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)  # share the card with other jobs
     if requested == "gpu" and not gpus:
@@ -103,6 +109,14 @@ def resolve_backend(runtime: Runtime, device: str) -> str:
     if problems:
         raise UsageError("--backend onnx: " + "; ".join(problems) + ". Or run with --backend keras.")
     return "onnx"
+
+
+def _gpu_driver_present() -> bool:
+    """Whether TensorFlow could see a GPU at all: on Linux only through the NVIDIA (CUDA), AMD (ROCm)
+    or WSL2 (dxg) kernel drivers, whose device files are cheap to look for. Elsewhere assume it could."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists() or Path("/dev/dxg").exists()
 
 
 def keras_backend() -> str:
