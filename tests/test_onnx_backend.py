@@ -139,3 +139,14 @@ def test_backend_onnx_without_onnxruntime_is_a_usage_error(
     assert done.returncode == 2, done.stderr
     assert "--backend onnx" in done.stderr and "onnxruntime" in done.stderr and "dermscore[onnx]" in done.stderr
     assert not (tmp_path / "r" / "images.csv").exists()
+
+
+def test_a_cpu_run_with_a_cached_export_never_loads_tensorflow(small_bundle: Path, cache: Path) -> None:
+    Predictor(load_bundle(small_bundle), 2, Runtime(backend="onnx"))  # warms the cache
+    code = ("import sys; from dermscore.bundle import load_bundle; from dermscore.infer import Predictor; "
+            "from dermscore.runtime import Runtime; "
+            "p = Predictor(load_bundle(sys.argv[1]), 2, Runtime(device='cpu')); "
+            "print(p.backend, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(small_bundle)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["onnx", "False", "False"]
