@@ -142,3 +142,17 @@ def test_prior_correction_baked_into_the_output_bias_matches_the_fitted_adjustme
     shift_output_bias(model, -0.75 * np.log(prior))
     np.testing.assert_allclose(np.asarray(model(x)), adjust(before, prior, 0.75), atol=1e-5)
     np.testing.assert_allclose(adjust(before, prior, 0.0), before, atol=1e-12)
+
+
+def test_epoch_learning_rate_warms_up_then_decays_to_its_floor():
+    from training.train import epoch_learning_rate
+
+    peak, floor = 1e-3, 0.01
+    rates = [epoch_learning_rate(peak, e, 20, 2.0, floor) for e in range(20)]
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(peak)
+    assert all(a > b for a, b in zip(rates[2:], rates[3:]))
+    assert rates[-1] == pytest.approx(peak * floor)
+    # The epochs before a time budget fixes the total do not depend on it.
+    for epoch in range(3):
+        assert epoch_learning_rate(peak, epoch, 20, 2.0, floor) == epoch_learning_rate(peak, epoch, 200, 2.0, floor)
+    assert epoch_learning_rate(peak, 0, 1, 1.0, floor) == pytest.approx(peak)  # a one-epoch run trains at peak

@@ -42,7 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", type=Path, default=REPO / "training-work", help="working folder (checkpoints, logs)")
     parser.add_argument("--out", type=Path, help="bundle folder for export (default: models/ham10000-ensemble)")
     parser.add_argument("--member", choices=MEMBERS, action="append", help="member(s) to train; default both")
-    parser.add_argument("--preset", choices=("cpu", "gpu"), default="cpu", help="cpu: from scratch, low resolution")
+    parser.add_argument(
+        "--preset",
+        choices=("cpu", "scratch-gpu", "gpu"),
+        default="cpu",
+        help="cpu: from scratch, low resolution; scratch-gpu: from scratch at 150x200 (the shipped bundle); "
+        "gpu: ImageNet initialisation at 299/224",
+    )
     parser.add_argument("--input-size", type=_size, help="HEIGHTxWIDTH, e.g. 75x100")
     parser.add_argument("--init", help="imagenet, none, or a local backbone weights file")
     parser.add_argument("--warm-start", type=Path, help="trained classifier .keras to continue from (new schedule)")
@@ -74,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", default=time.strftime("%Y.%m.%d"), help="bundle version")
     parser.add_argument("--stop-at", help="HH:MM UTC: end training after the last epoch that finishes before it")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        help="minutes per member: after two epochs the number of epochs (at most --epochs) is fitted to it",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for the backend (default: all)")
     return parser
 

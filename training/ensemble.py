@@ -11,9 +11,9 @@ import itertools
 import json
 from pathlib import Path
 
-import keras
 import numpy as np
 
+from training.export import clean_member
 from training.metrics import balanced_accuracy
 from training.train import MemberRun, predict
 
@@ -33,11 +33,14 @@ def adjust(probs: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
 
 
 def member_predictions(run: MemberRun, sides: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
-    """Validation and test probabilities of the member's best checkpoint, plain and flip-averaged; cached."""
+    """Validation and test probabilities of the member's best checkpoint, plain and flip-averaged; cached.
+
+    Computed in float32 whatever precision the member trained in: that is how dermscore scores.
+    """
     if path.is_file() and path.stat().st_mtime >= (run.folder / "best.keras").stat().st_mtime:
         with np.load(path) as stored:
             return dict(stored)
-    model = keras.models.load_model(run.folder / "best.keras", compile=False)
+    model = clean_member(run.folder / "best.keras", run.config)
     result = {}
     for side in ("val", "test"):
         views = []

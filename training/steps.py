@@ -18,6 +18,7 @@ from training.train import (
     CPU_PRESETS,
     GPU_PRESETS,
     HISTORY_FIELDS,
+    SCRATCH_GPU_PRESETS,
     MemberRun,
     TrainConfig,
     resume_config,
@@ -64,7 +65,7 @@ def run_split(args: argparse.Namespace) -> dict:
 
 
 def member_config(args: argparse.Namespace, member: str) -> TrainConfig:
-    preset = (CPU_PRESETS if args.preset == "cpu" else GPU_PRESETS)[member]
+    preset = {"cpu": CPU_PRESETS, "scratch-gpu": SCRATCH_GPU_PRESETS, "gpu": GPU_PRESETS}[args.preset][member]
     return with_overrides(
         preset,
         input_size=args.input_size,
@@ -81,6 +82,7 @@ def member_config(args: argparse.Namespace, member: str) -> TrainConfig:
         head_epochs=args.head_epochs,
         mixed_precision=args.mixed_precision,
         run_eagerly=args.eager or None,
+        time_budget=args.time_budget * 60 if args.time_budget else None,
         seed=args.seed,
     )
 
@@ -216,6 +218,7 @@ def _stage(folder: Path) -> tuple[dict, list[dict]]:
         "batch_size": config["batch_size"],
         "seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / max(len(rows), 1), 1),
+        "epochs_fitted_to_time_budget": state.get("fitted_end"),
         "best_epoch": state["best_epoch"],
         "best_val_balanced_accuracy": round(state["best"], 4),
         "early_stopped": bool(state.get("stopped")),

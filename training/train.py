@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from dermscore.bundle import CLASS_CODES
 from dermscore.preprocess import normalize
-from training.augment import ColourJitter, build_augmenter
+from training.augment import ColourJitter, build_augmenter, compile_on_jax
 from training.metrics import balanced_accuracy
 from training.models import ARCHITECTURES, Head, build_classifier, set_backbone_trainable
 
@@ -67,6 +68,9 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: bool = False
     run_eagerly: bool = False  # for smoke runs of a few steps, where graph compilation dominates
+    time_budget: float | None = None  # seconds; the main phase's epoch count is fitted to it (``epochs`` is the cap)
+    checkpoint_interval: float = 0.0  # seconds between resumable checkpoints; 0: after every epoch
+    loader_workers: int = 1  # threads preparing batches (a GPU outruns one)
 
     @property
     def preprocessing(self) -> str:
@@ -89,6 +93,15 @@ class TrainConfig:
 CPU_PRESETS = {
     "inceptionv3": TrainConfig(member="inceptionv3", input_size=(75, 100), epochs=7, steps_per_epoch=100),
     "densenet201": TrainConfig(member="densenet201", input_size=(48, 64), epochs=5, steps_per_epoch=100),
+}
+# For a GPU without ImageNet weights (what trained the shipped bundle): from scratch at the data's own 150x200,
+# long schedules fitted to a time budget, checkpoints every two minutes (a GPU epoch takes seconds).
+SCRATCH_GPU_PRESETS = {
+    member: TrainConfig(
+        member=member, input_size=(150, 200), batch_size=64, epochs=200, learning_rate=1.5e-3, patience=200,
+        mixed_precision=True, checkpoint_interval=120.0, loader_workers=8,
+    )
+    for member in ("inceptionv3", "densenet201")
 }
 # For a GPU with internet: ImageNet initialisation, the study's resolution, head then full fine-tuning.
 GPU_PRESETS = {
@@ -139,8 +152,11 @@ class Batches(keras.utils.PyDataset):
         steps: int | None = None,
         class_weight_power: float = 0.0,
         seed: int = 0,
+        workers: int = 1,
     ) -> None:
-        super().__init__(workers=1, use_multiprocessing=False)
+        # Threads, not processes: numpy releases the GIL, and the epoch's draw (set by the callback before
+        # Keras starts the epoch's workers) stays in one object.
+        super().__init__(workers=workers, use_multiprocessing=False)
         self.images, self.labels, self.indices = images, labels, np.asarray(indices)
         self.batch_size, self.preprocessing = batch_size, preprocessing
         self.sampling_power, self.seed, self.epoch = sampling_power, seed, 0
@@ -192,28 +208,51 @@ def predict(model: keras.Model, images: np.ndarray, indices: np.ndarray, preproc
     return np.concatenate(batches).astype(np.float64) if batches else np.zeros((0, len(CLASS_CODES)))
 
 
+def epoch_learning_rate(peak: float, epoch: int, epochs: int, warmup_epochs: float, floor_ratio: float) -> float:
+    """Linear warm-up over the first ceil(warmup_epochs) epochs, then cosine decay to floor_ratio * peak.
+
+    Set once per epoch by the training callback rather than compiled into the train step, so a run can
+    still fit its number of epochs to a time budget after it has started (the first two epochs do not
+    depend on the total).
+    """
+    warm = min(math.ceil(warmup_epochs), max(epochs - 1, 0))
+    if epoch < warm:
+        return peak * (epoch + 1) / (warm + 1)
+    progress = min((epoch - warm) / max(epochs - 1 - warm, 1), 1.0)
+    return peak * (floor_ratio + (1.0 - floor_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 class _Checkpoint(keras.callbacks.Callback):
-    """Per epoch: validation balanced accuracy, history row, best classifier, resumable checkpoint, stop."""
+    """Per epoch: learning rate, validation balanced accuracy, history row, best classifier, checkpoint, stop."""
 
     def __init__(
         self,
         run: MemberRun,
         train_data: Batches,
         val_labels: np.ndarray,
-        phase: str,
+        phase: tuple[str, int, int],
+        peak: float,
         state: dict,
         stop_at: float | None,
     ):
         super().__init__()
-        self.run, self.train_data, self.val_labels, self.phase, self.state = run, train_data, val_labels, phase, state
+        self.run, self.train_data, self.val_labels, self.state = run, train_data, val_labels, state
+        (self.phase, self.first, self.end), self.peak = phase, peak
         self.stop_at, self.started = stop_at, 0.0
+        self.begun = self.last_saved = time.time()
+        self.epoch_ends: list[float] = []
+        self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
+        cfg = self.run.config
         self.train_data.set_epoch(epoch)
+        self.model.optimizer.learning_rate = epoch_learning_rate(
+            self.peak, epoch - self.first, self.end - self.first, cfg.warmup_epochs, cfg.min_learning_rate_ratio
+        )
         self.started = time.time()
 
     def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % 10 == 0:  # progress for long CPU epochs (logs of background runs)
+        if (batch + 1) % 10 == 0 and time.time() - self.started > 60:  # progress for long CPU epochs
             print(f"  step {batch + 1}: {(time.time() - self.started) / (batch + 1):.2f} s/step", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -236,21 +275,58 @@ class _Checkpoint(keras.callbacks.Callback):
         print(json.dumps(row), flush=True)
         if score > state["best"]:
             state.update(best=score, best_epoch=epoch + 1, wait=0)
-            run.classifier(self.model).save(run.folder / "best.keras")
+            self.best_weights = run.classifier(self.model).get_weights()
         else:
             state["wait"] += 1
         state["epoch"] = epoch + 1
-        run.save_checkpoint(self.model, state)
-        if state["wait"] >= run.config.patience:
+        self.epoch_ends.append(time.time())
+        self._fit_to_budget(epoch)
+        early = state["wait"] >= run.config.patience
+        deadline = bool(self.stop_at) and time.time() + row["seconds"] > self.stop_at
+        last = early or deadline or epoch + 1 >= self.end
+        if last or time.time() - self.last_saved >= run.config.checkpoint_interval:
+            self._persist()
+        if early:
             print(f"early stop: no val balanced accuracy gain for {state['wait']} epochs", flush=True)
             state["stopped"] = True
             run.save_state(state)
-            self.model.stop_training = True
-        elif self.stop_at and time.time() + row["seconds"] > self.stop_at:
+        elif deadline:
             # Not marked as stopped: running the command again without the deadline continues the schedule.
             print("deadline: another epoch would end after --stop-at; stopping with the best checkpoint", flush=True)
-            self.model.stop_training = True
             state["deadline_stopped"] = True
+        self.model.stop_training = last
+
+    def _fit_to_budget(self, epoch: int) -> None:
+        """Once a quarter of the budget has passed, fix the phase's epoch count to what fits in the rest.
+
+        The pace is measured over the epochs after the first (which pays for compilation) and only after a
+        quarter of the budget, so members sharing a GPU are measured once all of them are training. Until
+        then the cosine runs towards the ``epochs`` cap (nearly flat). The count is kept in the state, so a
+        resumed run follows the same schedule.
+        """
+        budget = self.run.config.time_budget
+        ends = self.epoch_ends
+        if not budget or self.phase != "train" or "fitted_end" in self.state or len(ends) < 3:
+            return
+        if time.time() - self.begun < budget / 4:
+            return
+        pace = (ends[-1] - ends[0]) / (len(ends) - 1) * 1.05
+        more = int((self.begun + budget - time.time()) // pace)
+        self.end = min(self.end, epoch + 1 + max(more, 0))
+        self.state["fitted_end"] = self.end
+        print(f"time budget {budget:.0f} s at {pace:.1f} s/epoch: {self.end} epochs in this phase", flush=True)
+
+    def _persist(self) -> None:
+        """Best classifier (kept in memory since the last save), then the resumable checkpoint and state."""
+        classifier = self.run.classifier(self.model)
+        if self.best_weights is not None:
+            current = classifier.get_weights()
+            classifier.set_weights(self.best_weights)
+            classifier.save(self.run.folder / "best.keras")
+            classifier.set_weights(current)
+            self.best_weights = None
+        self.run.save_checkpoint(self.model, self.state)
+        self.last_saved = time.time()
 
 
 @dataclass
@@ -324,19 +400,12 @@ class MemberRun:
         augmented = build_augmenter(cfg.rotation, cfg.zoom, cfg.colour, cfg.seed)(inputs)
         return keras.Model(inputs, classifier(augmented), name="trainer")
 
-    def _compile(self, model: keras.Model, peak: float, epochs: int, steps: int) -> None:
+    def _compile(self, model: keras.Model) -> None:
+        """A fresh optimizer; its learning rate is set each epoch by the callback (``epoch_learning_rate``)."""
         cfg = self.config
-        total = max(epochs * steps, 1)
-        warmup = min(int(cfg.warmup_epochs * steps), total - 1)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=peak * 0.01,
-            decay_steps=max(total - warmup, 1),
-            alpha=cfg.min_learning_rate_ratio,
-            warmup_target=peak,
-            warmup_steps=warmup,
-        )
+        compile_on_jax(model)
         model.compile(
-            optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+            optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
             metrics=["accuracy"],
             run_eagerly=cfg.run_eagerly,
@@ -373,6 +442,7 @@ class MemberRun:
             steps=steps,
             class_weight_power=cfg.class_weight_power,
             seed=cfg.seed,
+            workers=cfg.loader_workers,
         )
         val_labels = self.labels[self.val_indices]
         model = None
@@ -382,20 +452,22 @@ class MemberRun:
             model = keras.models.load_model(
                 self.folder / state["checkpoint"], custom_objects={"ColourJitter": ColourJitter}
             )
+            compile_on_jax(model)
         for phase, first, end in self.phases():
+            end = state.get("fitted_end", end) if phase == "train" else end
             if state.get("stopped") or state["epoch"] >= end:
                 continue
             if model is None:
                 model = self._trainer()
             if state["epoch"] == first or model.optimizer is None:
-                # A new phase: set what trains and start a fresh optimizer and schedule for it.
+                # A new phase: set what trains and start a fresh optimizer for it.
                 if cfg.init != "none":
                     set_backbone_trainable(
                         self.classifier(model), False if phase == "head" else (cfg.finetune_layers or True)
                     )
-                peak = cfg.head_learning_rate if phase == "head" else cfg.learning_rate
-                self._compile(model, peak, end - first, steps)
-            callback = _Checkpoint(self, train_data, val_labels, phase, state, stop_at)
+                self._compile(model)
+            peak = cfg.head_learning_rate if phase == "head" else cfg.learning_rate
+            callback = _Checkpoint(self, train_data, val_labels, (phase, first, end), peak, state, stop_at)
             model.fit(train_data, epochs=end, initial_epoch=state["epoch"], callbacks=[callback], verbose=2)
             if state.get("deadline_stopped"):
                 break
