@@ -156,3 +156,21 @@ def test_epoch_learning_rate_warms_up_then_decays_to_its_floor():
     for epoch in range(3):
         assert epoch_learning_rate(peak, epoch, 20, 2.0, floor) == epoch_learning_rate(peak, epoch, 200, 2.0, floor)
     assert epoch_learning_rate(peak, 0, 1, 1.0, floor) == pytest.approx(peak)  # a one-epoch run trains at peak
+
+
+def test_flip_averaged_member_saves_loads_and_averages_the_four_flips(tmp_path):
+    import keras
+
+    from training.export import flip_averaged, save_member
+
+    keras.utils.set_random_seed(0)
+    member = keras.Sequential(
+        [keras.Input((12, 16, 3)), keras.layers.Conv2D(3, 3), keras.layers.Flatten(), keras.layers.Dense(7, activation="softmax")]
+    )
+    path = save_member(flip_averaged(member), tmp_path / "member.keras", float16=False)
+    loaded = keras.models.load_model(path, compile=False)  # no custom objects needed
+    x = np.random.default_rng(0).normal(size=(3, 12, 16, 3)).astype("float32")
+    views = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
+    expected = np.mean([np.asarray(member(v)) for v in views], axis=0)
+    assert np.abs(np.asarray(loaded(x)) - expected).max() < 1e-6
+    assert np.abs(np.asarray(loaded(x)) - np.asarray(member(x))).max() > 1e-4  # the flips really change the input

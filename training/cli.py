@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         "--tta",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="fit and evaluate with flip test-time augmentation (dermscore scores without it)",
+        help="fit and evaluate with flip test-time augmentation; export then ships members that average "
+        "their four flipped views inside the model, so dermscore scores with it",
     )
     parser.add_argument(
         "--float16",

@@ -109,7 +109,13 @@ def render(manifest: dict) -> str:
         f"{ensemble['prior_correction']} (fitted on validation; baked into the output layer's bias), because members "
         "were trained on class-rebalanced samples and balanced accuracy rewards prior-free scores. "
         f"Flip test-time augmentation on validation: {ensemble['val_balanced_accuracy_with_tta']:.3f} with, "
-        f"{ensemble['val_balanced_accuracy_without_tta']:.3f} without; the figures above are without it, as dermscore scores.",
+        f"{ensemble['val_balanced_accuracy_without_tta']:.3f} without; "
+        + (
+            "each shipped member averages its four flipped views inside the model, so the figures above and "
+            "dermscore's scores include it (at four times the compute)."
+            if ensemble["tta"]
+            else "the figures above are without it, as dermscore scores."
+        ),
         "",
         "## Training",
         "",

@@ -283,6 +283,8 @@ def run_export(args: argparse.Namespace) -> dict:
         model = export.clean_member(run.folder / "best.keras", run.config)
         prior = np.maximum(np.asarray(choice["priors"][member]), 1e-12)
         export.shift_output_bias(model, -choice["prior_correction"] * np.log(prior))
+        if choice["tta"]:
+            model = export.flip_averaged(model)
         float32[member] = predict(model, run.images, sides["test"], run.config.preprocessing)
         file = export.save_member(model, staging / f"{member}.keras", args.float16)
         reloaded = keras.models.load_model(file, compile=False)
