@@ -71,13 +71,13 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or usable, usable))
 
 
-def session_options(threads: int | None = None) -> Any:
-    """Intra-op threads = physical cores, sequential execution (the CNNs are chains: parallel branches
-    bought nothing measurable), every graph optimisation."""
+def session_options() -> Any:
+    """Intra-op threads = physical cores, sequential execution, every graph optimisation: each other
+    choice measured slower on our CPU (``benchmarks/onnx_session_options.py``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or physical_cores()
+    options.intra_op_num_threads = physical_cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
