@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,15 @@ SMALL_MEMBERS = [
     {"name": "densenet201", "architecture": "small-cnn", "file": "b.keras", "input_size": [32, 32],
      "preprocessing": "densenet", "resize": "bilinear", "weight": 0.5},
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """ONNX exports of test bundles (new weights every session) go to a temporary cache, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("dermscore-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DERMSCORE_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
