@@ -166,8 +166,9 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
     with atomic_path(path) as tmp:
         try:
             signature = [tf.TensorSpec((None, *member.input_size, 3), tf.float32, name="image")]
-            with warnings.catch_warnings():  # Keras' numpy-2 patch for tf2onnx probes np.object and warns
+            with warnings.catch_warnings():  # numpy-2 notices from Keras' tf2onnx shims, one per constant
                 warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
                 model.export(str(tmp), format="onnx", verbose=False, input_signature=signature, opset_version=OPSET)
             got = OnnxModel(tmp).predict_on_batch(probe)
         except Exception as exc:  # tf2onnx raises whatever its converters raise; name it and move on
