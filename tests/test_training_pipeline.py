@@ -204,24 +204,3 @@ def test_killed_run_resumes_from_its_last_checkpoint(pipeline, tmp_path):
     with open(state_path.parent / "history.csv", newline="", encoding="utf-8") as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
 
-
-def test_time_budget_fits_the_epochs_and_ends_the_schedule_at_its_floor(pipeline, tmp_path):
-    """--time-budget: once a quarter of it has passed the epoch count is fixed to what fits, and the run
-    ends after exactly that many epochs with the learning rate at its floor (a full cosine, not a cut)."""
-    from training.cli import main
-
-    work = tmp_path / "work"
-    work.mkdir()
-    for name in ("index.csv", "split.csv"):
-        shutil.copy2(pipeline["work"] / name, work / name)
-    options = ["--steps-per-epoch", "1", "--epochs", "200", "--patience", "200", "--time-budget", "0.75"]
-    assert main(["train", *_common(pipeline["data"], work), *_sizes("densenet201"), *options]) == 0
-    folder = work / "members" / "densenet201"
-    state = json.loads((folder / "state.json").read_text())
-    assert 3 <= state["fitted_end"] < 200 and state["epoch"] == state["fitted_end"]
-    with open(folder / "history.csv", newline="", encoding="utf-8") as handle:
-        rates = [float(r["learning_rate"]) for r in csv.DictReader(handle)]
-    assert len(rates) == state["fitted_end"]
-    assert rates[-1] == pytest.approx(1e-3 * 0.01, rel=1e-3)  # cpu preset: peak 1e-3, floor 1%
-    assert all(a >= b for a, b in zip(rates[1:], rates[2:]))
-    assert (folder / "best.keras").is_file()

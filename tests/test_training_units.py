@@ -174,3 +174,15 @@ def test_flip_averaged_member_saves_loads_and_averages_the_four_flips(tmp_path):
     expected = np.mean([np.asarray(member(v)) for v in views], axis=0)
     assert np.abs(np.asarray(loaded(x)) - expected).max() < 1e-6
     assert np.abs(np.asarray(loaded(x)) - np.asarray(member(x))).max() > 1e-4  # the flips really change the input
+
+
+def test_time_budget_fixes_the_epoch_count_from_the_pace_after_the_first_epoch():
+    from training.train import fitted_epochs
+
+    # Too early: fewer than three epochs, or less than a quarter of the budget gone.
+    assert fitted_epochs([50.0, 60.0], 0.0, 100.0, 60.0, 2, 200) is None
+    assert fitted_epochs([5.0, 7.0, 9.0], 0.0, 100.0, 9.0, 3, 200) is None
+    # First epoch (compilation) took 40 s, then 10 s each: pace 10.5 s, 50 s left -> 4 more epochs.
+    assert fitted_epochs([40.0, 50.0, 60.0], 0.0, 110.0, 60.0, 3, 200) == 7
+    assert fitted_epochs([40.0, 50.0, 60.0], 0.0, 110.0, 60.0, 3, 5) == 5  # never past --epochs
+    assert fitted_epochs([40.0, 50.0, 60.0], 0.0, 50.0, 60.0, 3, 200) == 3  # over budget: stop now

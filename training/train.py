@@ -222,6 +222,21 @@ def epoch_learning_rate(peak: float, epoch: int, epochs: int, warmup_epochs: flo
     return peak * (floor_ratio + (1.0 - floor_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def fitted_epochs(
+    epoch_ends: list[float], begun: float, budget: float, now: float, epochs_done: int, cap: int
+) -> int | None:
+    """The phase's epoch count under a time budget (seconds since ``begun``), or None while too early.
+
+    Decided once a quarter of the budget has passed and three epochs have ended, so members sharing a
+    GPU are measured when all of them are training; the pace excludes the first epoch (which pays for
+    compilation) and has 5% to spare. Until then the cosine runs towards ``cap`` (nearly flat).
+    """
+    if len(epoch_ends) < 3 or now - begun < budget / 4:
+        return None
+    pace = (epoch_ends[-1] - epoch_ends[0]) / (len(epoch_ends) - 1) * 1.05
+    return min(cap, epochs_done + max(int((begun + budget - now) // pace), 0))
+
+
 class _Checkpoint(keras.callbacks.Callback):
     """Per epoch: learning rate, validation balanced accuracy, history row, best classifier, checkpoint, stop."""
 
@@ -280,7 +295,7 @@ class _Checkpoint(keras.callbacks.Callback):
             state["wait"] += 1
         state["epoch"] = epoch + 1
         self.epoch_ends.append(time.time())
-        self._fit_to_budget(epoch)
+        self._fit_to_budget()
         early = state["wait"] >= run.config.patience
         deadline = bool(self.stop_at) and time.time() + row["seconds"] > self.stop_at
         last = early or deadline or epoch + 1 >= self.end
@@ -296,25 +311,14 @@ class _Checkpoint(keras.callbacks.Callback):
             state["deadline_stopped"] = True
         self.model.stop_training = last
 
-    def _fit_to_budget(self, epoch: int) -> None:
-        """Once a quarter of the budget has passed, fix the phase's epoch count to what fits in the rest.
-
-        The pace is measured over the epochs after the first (which pays for compilation) and only after a
-        quarter of the budget, so members sharing a GPU are measured once all of them are training. Until
-        then the cosine runs towards the ``epochs`` cap (nearly flat). The count is kept in the state, so a
-        resumed run follows the same schedule.
-        """
+    def _fit_to_budget(self) -> None:
         budget = self.run.config.time_budget
-        ends = self.epoch_ends
-        if not budget or self.phase != "train" or "fitted_end" in self.state or len(ends) < 3:
+        if not budget or self.phase != "train" or "fitted_end" in self.state:
             return
-        if time.time() - self.begun < budget / 4:
-            return
-        pace = (ends[-1] - ends[0]) / (len(ends) - 1) * 1.05
-        more = int((self.begun + budget - time.time()) // pace)
-        self.end = min(self.end, epoch + 1 + max(more, 0))
-        self.state["fitted_end"] = self.end
-        print(f"time budget {budget:.0f} s at {pace:.1f} s/epoch: {self.end} epochs in this phase", flush=True)
+        end = fitted_epochs(self.epoch_ends, self.begun, budget, time.time(), self.state["epoch"], self.end)
+        if end is not None:
+            self.end = self.state["fitted_end"] = end
+            print(f"time budget {budget:.0f} s: {end} epochs in this phase", flush=True)
 
     def _persist(self) -> None:
         """Best classifier (kept in memory since the last save), then the resumable checkpoint and state."""
