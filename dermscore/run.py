@@ -77,6 +77,7 @@ class RunSummary:
     out: Path
     scored: int = 0  # images scored by this run
     device: str = ""  # cpu | gpu where this run scored; "" when it scored nothing new
+    backend: str = ""  # onnx | keras as the local engine used it; "" for none or Ray
     failures: list[Failure] = field(default_factory=list)  # inputs that failed in this run
     skipped: int = 0  # inputs the ledger already holds with unchanged content
     not_images: int = 0  # DICOM objects set aside as non-images (SR, presentation states, DICOMDIR)
@@ -171,6 +172,7 @@ def _score_into_ledger(
         predictor = Predictor(bundle, options.batch_size or default_batch_size(summary.device), runtime)
         batch_size = predictor.batch_size
         results = score(sources, predictor, thumbnails=options.thumbnails)
+        summary.backend = predictor.backend
     recorder = ledger.recorder(summary.run_id, bundle.identity)
     show = not options.quiet and (sys.stderr.isatty() if options.progress is None else options.progress)
 
@@ -224,6 +226,6 @@ def _report(
     info = RunInfo(started=started, finished=datetime.now(timezone.utc), command_line=shlex.join(sys.argv),
                    inputs=[str(Path(p).resolve()) for p in options.inputs], thresholds=options.thresholds,
                    lesion_maps=[f"{m.kind}: {m.path}" for m in lesion_maps], pseudonymized=key is not None,
-                   **environment(summary.device, options.engine))
+                   **environment(summary.device, options.engine, summary.backend))
     failures = ledger.failures(bundle.identity, new_only)
     summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import openpyxl
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -75,6 +76,10 @@ def test_onnx_run_equals_keras_and_a_second_run_reuses_the_export(
     assert np.abs(onnx[columns].to_numpy() - keras[columns].to_numpy()).max() <= TOLERANCE
     assert (onnx["predicted_class"] == keras["predicted_class"]).all()
     np.testing.assert_array_equal(auto[columns].to_numpy(), onnx[columns].to_numpy())
+    for folder, expected in (("k", "Keras "), ("o", "ONNX Runtime "), ("a", "ONNX Runtime ")):
+        sheet = openpyxl.load_workbook(tmp_path / folder / "report.xlsx")["Run"]
+        run_sheet = {row[0]: row[1] for row in sheet.iter_rows(values_only=True)}
+        assert run_sheet["Inference"].startswith(expected), run_sheet["Inference"]
 
 
 def test_a_damaged_cached_export_is_rebuilt(small_bundle: Path, cache: Path) -> None:

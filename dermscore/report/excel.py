@@ -218,6 +218,7 @@ def _run_sheet(wb: Workbook, bundle: Bundle, info: RunInfo) -> None:
         ("TensorFlow version", info.tensorflow_version, None),
         ("Keras version", info.keras_version, None),
         ("Device", info.device, None),
+        ("Inference", info.inference, None),
         ("Command line", info.command_line, None),
         *((f"Input root {i}", root, None) for i, root in enumerate(info.inputs, start=1)),
         *(("Lesion identity from", source, None) for source in info.lesion_maps),

@@ -24,6 +24,7 @@ class RunInfo:
     inputs: list[str]
     thresholds: Thresholds = field(default_factory=Thresholds)
     device: str = "unknown"
+    inference: str = "unknown"  # which runtime computed the probabilities (ONNX Runtime or Keras)
     tensorflow_version: str = "unknown"
     keras_version: str = "unknown"
     tool_version: str = __version__
@@ -35,11 +36,13 @@ class RunInfo:
         return max((self.finished - self.started).total_seconds(), 0.0)
 
 
-def environment(device: str, engine: str = "local") -> dict[str, str]:
-    """Device and framework versions for the Run sheet, without importing TensorFlow when the run did not.
+def environment(device: str, engine: str = "local", backend: str = "") -> dict[str, str]:
+    """Device, inference runtime and framework versions for the Run sheet, without importing TensorFlow
+    when the run did not.
 
     ``device`` is 'cpu' or 'gpu' as chosen by ``dermscore.runtime``, or '' when the run scored nothing new
-    (its reports then come from the ledger alone).
+    (its reports then come from the ledger alone); ``backend`` is the one the local engine ended up using
+    ('onnx' or 'keras'), '' where it is not known here (nothing scored, or Ray workers chose).
     """
     if not device:
         described = "none: this run scored no new images"
@@ -47,7 +50,16 @@ def environment(device: str, engine: str = "local") -> dict[str, str]:
         described = device_description(device)
     else:
         described = f"{engine} workers ({device})"
-    return {"device": described, "tensorflow_version": _version("tensorflow"), "keras_version": _version("keras")}
+    inference = {
+        "onnx": f"ONNX Runtime {_version('onnxruntime')} (members exported from Keras, checked within 1e-4)",
+        "keras": f"Keras {_version('keras')}",
+    }.get(backend, "not recorded" if device else "none")
+    return {
+        "device": described,
+        "inference": inference,
+        "tensorflow_version": _version("tensorflow"),
+        "keras_version": _version("keras"),
+    }
 
 
 def _version(package: str) -> str:
