@@ -6,7 +6,9 @@ it after `python benchmarks/random_weights_bundle.py /tmp/bench-bundle`:
     python benchmarks/onnx_session_options.py /tmp/bench-bundle [images-per-measurement]
 
 The chosen settings live in ``dermscore.onnx_backend.session_options``; this script measures each
-against them, one change at a time, on the same prepared batch.
+against them, one change at a time, on the same prepared batch (each member alone on every physical
+core), then the ensemble with its members one after the other versus side by side on a share of the
+cores each, as ``dermscore.infer.Predictor`` runs them.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ def variants(ort: Any, cores: int) -> dict[str, dict[str, Any]]:
 def measure(path: Path, size: tuple[int, int], changes: dict[str, Any], images: int) -> float:
     import onnxruntime as ort
 
-    from dermscore.onnx_backend import session_options
+    from dermscore.onnx_backend import physical_cores, session_options
 
-    options = session_options()
+    options = session_options(physical_cores())
     for key, value in changes.items():
         if key == "config":
             for entry, setting in value.items():
@@ -73,6 +75,35 @@ def main(bundle_path: Path, images: int) -> None:
     for label, changes in variants(ort, physical_cores()).items():
         rates = [measure(paths[m.name], m.input_size, changes, images) for m in bundle.members]
         print(label.ljust(64) + "".join(f"{r:14.2f}" for r in rates), flush=True)
+    for _ in range(2):  # alternated twice: the machine's pace drifts
+        for side_by_side in (False, True):
+            rate = ensemble_rate(bundle, paths, side_by_side, images)
+            label = "ensemble, members side by side" if side_by_side else "ensemble, members one after the other"
+            print(f"{label.ljust(64)}{rate:14.2f}   (ensemble images/s)", flush=True)
+
+
+def ensemble_rate(bundle: Any, paths: dict[str, Path], side_by_side: bool, images: int) -> float:
+    """Ensemble images/s at batch 8: every core per member in turn, or the cores split between members
+    running at the same time (what the Predictor does with ONNX Runtime)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dermscore.onnx_backend import OnnxModel, physical_cores
+
+    threads = max(1, physical_cores() // len(bundle.members)) if side_by_side else physical_cores()
+    models = {m.name: OnnxModel(paths[m.name], threads) for m in bundle.members}
+    rng = np.random.default_rng(0)
+    batch = {m.name: rng.uniform(-1, 1, (8, *m.input_size, 3)).astype(np.float32) for m in bundle.members}
+
+    def run(name: str) -> np.ndarray:
+        return models[name].predict_on_batch(batch[name])
+
+    runs = max(1, images // 8)
+    with ThreadPoolExecutor(len(models)) as pool:
+        list(pool.map(run, models))  # warm-up
+        start = time.perf_counter()
+        for _ in range(runs):
+            list(pool.map(run, models)) if side_by_side else [run(name) for name in models]
+        return runs * 8 / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

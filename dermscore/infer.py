@@ -63,6 +63,7 @@ class Predictor:
         self.backend = resolve_backend(self.runtime, self.device)
         self.bundle = bundle
         self.batch_size = batch_size
+        self._side_by_side: ThreadPoolExecutor | None = None
         self.models = self._load_models()
         for member in bundle.members:
             model = self.models[member.name]
@@ -96,16 +97,24 @@ class Predictor:
         return {m.name: keras_member(m) for m in self.bundle.members}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``batch[member]`` is (n, h, w, 3) float32 with n <= batch_size; returns ``member -> (n, classes)``."""
-        out = {}
-        for member in self.bundle.members:
+        """``batch[member]`` is (n, h, w, 3) float32 with n <= batch_size; returns ``member -> (n, classes)``.
+
+        ONNX Runtime members run side by side (each session sized to its share of the cores, see
+        ``load_onnx_members``); Keras members one after the other, each using TensorFlow's thread pools.
+        """
+
+        def member_probabilities(member: Member) -> tuple[str, np.ndarray]:
             x = batch[member.name]
             n = len(x)
             if n < self.batch_size:
                 x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), dtype=x.dtype)])
-            probabilities = np.asarray(self.models[member.name].predict_on_batch(x), dtype=np.float64)
-            out[member.name] = probabilities[:n]
-        return out
+            return member.name, np.asarray(self.models[member.name].predict_on_batch(x), dtype=np.float64)[:n]
+
+        if self.backend == "onnx" and len(self.bundle.members) > 1:
+            if self._side_by_side is None:
+                self._side_by_side = ThreadPoolExecutor(len(self.bundle.members), thread_name_prefix="member")
+            return dict(self._side_by_side.map(member_probabilities, self.bundle.members))
+        return dict(map(member_probabilities, self.bundle.members))
 
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:

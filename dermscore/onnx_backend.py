@@ -71,13 +71,13 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or usable, usable))
 
 
-def session_options() -> Any:
-    """Intra-op threads = physical cores, sequential execution, every graph optimisation: each other
-    choice measured slower on our CPU (``benchmarks/onnx_session_options.py``)."""
+def session_options(threads: int) -> Any:
+    """``threads`` intra-op threads, sequential execution, every graph optimisation: each other choice
+    measured slower on our CPU (``benchmarks/onnx_session_options.py``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = physical_cores()
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -88,11 +88,11 @@ def session_options() -> Any:
 class OnnxModel:
     """One exported member in an ONNX Runtime session, with the slice of Keras' API the Predictor uses."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
 
         self.path = path
-        self.session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         (model_input,) = self.session.get_inputs()
         self.input_name = model_input.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in model_input.shape)
@@ -102,8 +102,15 @@ class OnnxModel:
 
 
 def load_onnx_members(bundle: Bundle, load_keras: Callable[[Member], Any]) -> dict[str, OnnxModel]:
-    """Every member as an ONNX Runtime session, exporting (with ``load_keras``) those not cached yet."""
-    return {m.name: OnnxModel(cached_export(bundle, m, load_keras)) for m in bundle.members}
+    """Every member as an ONNX Runtime session, exporting (with ``load_keras``) those not cached yet.
+
+    The Predictor runs the members side by side, so each session gets its share of the physical cores:
+    on our 2-core CPU two single-threaded sessions at once scored 6.1-6.4 ensemble images/s against
+    5.4-5.7 for one after the other on both cores (``benchmarks/onnx_session_options.py``); part of
+    each member's time (DenseNet201's concatenations) does not spread over threads.
+    """
+    threads = max(1, physical_cores() // len(bundle.members))
+    return {m.name: OnnxModel(cached_export(bundle, m, load_keras), threads) for m in bundle.members}
 
 
 def cache_key(member: Member) -> str:
@@ -170,7 +177,7 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 model.export(str(tmp), format="onnx", verbose=False, input_signature=signature, opset_version=OPSET)
-            got = OnnxModel(tmp).predict_on_batch(probe)
+            got = OnnxModel(tmp, physical_cores()).predict_on_batch(probe)
         except Exception as exc:  # tf2onnx raises whatever its converters raise; name it and move on
             raise BundleError(f"{where}: the ONNX export failed ({type(exc).__name__}: {exc}). "
                               "Run with --backend keras.") from exc
