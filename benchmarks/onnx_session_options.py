@@ -102,7 +102,11 @@ def ensemble_rate(bundle: Any, paths: dict[str, Path], side_by_side: bool, image
         list(pool.map(run, models))  # warm-up
         start = time.perf_counter()
         for _ in range(runs):
-            list(pool.map(run, models)) if side_by_side else [run(name) for name in models]
+            if side_by_side:
+                list(pool.map(run, models))
+            else:
+                for name in models:
+                    run(name)
         return runs * 8 / (time.perf_counter() - start)
 
 

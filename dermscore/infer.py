@@ -63,8 +63,13 @@ class Predictor:
         self.backend = resolve_backend(self.runtime, self.device)
         self.bundle = bundle
         self.batch_size = batch_size
-        self._side_by_side: ThreadPoolExecutor | None = None
         self.models = self._load_models()
+        # ONNX Runtime sessions are sized to a share of the cores each (load_onnx_members), so their
+        # members run at the same time; Keras members run one after the other on TensorFlow's pools.
+        members = len(bundle.members)
+        self._side_by_side = (
+            ThreadPoolExecutor(members, thread_name_prefix="member") if self.backend == "onnx" and members > 1 else None
+        )
         for member in bundle.members:
             model = self.models[member.name]
             expected = (None, *member.input_size, 3)
@@ -97,11 +102,7 @@ class Predictor:
         return {m.name: keras_member(m) for m in self.bundle.members}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``batch[member]`` is (n, h, w, 3) float32 with n <= batch_size; returns ``member -> (n, classes)``.
-
-        ONNX Runtime members run side by side (each session sized to its share of the cores, see
-        ``load_onnx_members``); Keras members one after the other, each using TensorFlow's thread pools.
-        """
+        """``batch[member]`` is (n, h, w, 3) float32 with n <= batch_size; returns ``member -> (n, classes)``."""
 
         def member_probabilities(member: Member) -> tuple[str, np.ndarray]:
             x = batch[member.name]
@@ -110,11 +111,8 @@ class Predictor:
                 x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), dtype=x.dtype)])
             return member.name, np.asarray(self.models[member.name].predict_on_batch(x), dtype=np.float64)[:n]
 
-        if self.backend == "onnx" and len(self.bundle.members) > 1:
-            if self._side_by_side is None:
-                self._side_by_side = ThreadPoolExecutor(len(self.bundle.members), thread_name_prefix="member")
-            return dict(self._side_by_side.map(member_probabilities, self.bundle.members))
-        return dict(map(member_probabilities, self.bundle.members))
+        run = self._side_by_side.map if self._side_by_side else map
+        return dict(run(member_probabilities, self.bundle.members))
 
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         choices=("cpu", "scratch-gpu", "gpu"),
         default="cpu",
-        help="cpu: from scratch, low resolution; scratch-gpu: from scratch at 150x200 (the shipped bundle); "
+        help="cpu: from scratch, low resolution (the shipped bundle); scratch-gpu: from scratch at 150x200; "
         "gpu: ImageNet initialisation at 299/224",
     )
     parser.add_argument("--input-size", type=_size, help="HEIGHTxWIDTH, e.g. 75x100")
@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--time-budget",
         type=float,
-        help="minutes per member: after two epochs the number of epochs (at most --epochs) is fitted to it",
+        help="minutes per member: once a quarter of it has passed (and three epochs), the number of epochs "
+        "(at most --epochs) is fitted to it",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for the backend (default: all)")
     return parser

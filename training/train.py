@@ -94,8 +94,8 @@ CPU_PRESETS = {
     "inceptionv3": TrainConfig(member="inceptionv3", input_size=(75, 100), epochs=7, steps_per_epoch=100),
     "densenet201": TrainConfig(member="densenet201", input_size=(48, 64), epochs=5, steps_per_epoch=100),
 }
-# For a GPU without ImageNet weights (what trained the shipped bundle): from scratch at the data's own 150x200,
-# long schedules fitted to a time budget, checkpoints every two minutes (a GPU epoch takes seconds).
+# For a GPU without ImageNet weights: from scratch at the data's own 150x200, long schedules fitted to a time
+# budget, checkpoints every two minutes (a GPU epoch should take seconds). Not yet run to the end (training/README).
 SCRATCH_GPU_PRESETS = {
     member: TrainConfig(
         member=member, input_size=(150, 200), batch_size=64, epochs=200, learning_rate=1.5e-3, patience=200,

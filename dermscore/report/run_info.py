@@ -9,6 +9,7 @@ from importlib import metadata
 
 from dermscore import __version__
 from dermscore.aggregate import Thresholds
+from dermscore.onnx_backend import PROBE_TOLERANCE
 from dermscore.runtime import device_description
 
 DISCLAIMER = "Results are decision support for research, not a diagnosis."
@@ -51,7 +52,8 @@ def environment(device: str, engine: str = "local", backend: str = "") -> dict[s
     else:
         described = f"{engine} workers ({device})"
     inference = {
-        "onnx": f"ONNX Runtime {_version('onnxruntime')} (members exported from Keras, checked within 1e-4)",
+        "onnx": f"ONNX Runtime {_version('onnxruntime')} (members exported from Keras, checked within "
+        f"{PROBE_TOLERANCE:g})",
         "keras": f"Keras {_version('keras')}",
     }.get(backend, "not recorded" if device else "none")
     return {
