@@ -31,7 +31,7 @@ def build_small_member(path: Path, input_size: tuple[int, int], seed: int) -> Pa
     return path
 
 
-def make_bundle(folder: Path, members: list[dict], name: str = "test-bundle") -> Path:
+def make_bundle(folder: Path, members: list[dict], name: str = "test-bundle", provenance: dict | None = None) -> Path:
     """Write a bundle folder whose members are small Keras models (or given .keras files)."""
     from dermscore.bundle import write_manifest
 
@@ -52,7 +52,7 @@ def make_bundle(folder: Path, members: list[dict], name: str = "test-bundle") ->
             "name": name,
             "version": "0.0.1-test",
             "members": entries,
-            "provenance": {"training_data": "none: random weights for tests"},
+            "provenance": {"training_data": "none: random weights for tests", **(provenance or {})},
             "intended_use": "tests only",
         },
     )

@@ -17,7 +17,8 @@ import dermscore.onnx_backend as onnx_backend
 from dermscore.bundle import CLASS_CODES, load_bundle
 from dermscore.cli import app
 from dermscore.errors import BundleError, UsageError
-from dermscore.infer import Predictor
+from dermscore.bench import ensemble_flops
+from dermscore.infer import Predictor, load_member
 from dermscore.onnx_backend import CACHE_ENV, OnnxModel, cache_key
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.runtime import Runtime, resolve_backend
@@ -155,3 +156,39 @@ def test_a_cpu_run_with_a_cached_export_never_loads_tensorflow(small_bundle: Pat
     done = subprocess.run([sys.executable, "-c", code, str(small_bundle)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["onnx", "False", "False"]
+
+
+def test_flip_averaged_members_export_and_match_keras(tmp_path: Path, cache: Path) -> None:
+    """The shipped bundle's members average four flipped views inside the model (training.export): the
+    ONNX export must carry that graph and agree with Keras, and the benchmark must count all four."""
+    import keras
+
+    from conftest import SMALL_MEMBERS, build_small_member, make_bundle
+    from training.export import flip_averaged
+
+    members = []
+    for i, spec in enumerate(SMALL_MEMBERS):
+        plain = build_small_member(tmp_path / f"plain{i}.keras", tuple(spec["input_size"]), seed=i)
+        wrapped = tmp_path / f"tta{i}.keras"
+        flip_averaged(keras.models.load_model(plain, compile=False)).save(wrapped)
+        members.append({**spec, "model_file": wrapped})
+    bundle = load_bundle(make_bundle(tmp_path / "tta-bundle", members, provenance={"ensemble": {"tta": True}}))
+    batch = stack_inputs([prepare(np.random.default_rng(i).integers(0, 256, (60, 80, 3), dtype=np.uint8),
+                                  bundle.members) for i in range(3)], bundle.members)
+    keras_predictor = Predictor(bundle, 3, Runtime(backend="keras"))
+    keras_out = keras_predictor(batch)
+    onnx_predictor = Predictor(bundle, 3, Runtime(backend="onnx"))
+    assert onnx_predictor.backend == "onnx"
+    onnx_out = onnx_predictor(batch)
+    for name in keras_out:
+        assert np.abs(onnx_out[name] - keras_out[name]).max() <= TOLERANCE
+    assert len(list(cache.glob("*.onnx"))) == len(bundle.members)
+    # The benchmark's FLOP count sees the four views that the per-layer count alone would miss.
+    plain = load_bundle(make_bundle(tmp_path / "plain-bundle", [{**s, "model_file": tmp_path / f"plain{i}.keras"}
+                                                              for i, s in enumerate(SMALL_MEMBERS)]))
+    plain_flops, plain_views = ensemble_flops(plain, {m.name: load_member(plain.member_path(m), Runtime())
+                                                      for m in plain.members})
+    tta_flops, tta_views = ensemble_flops(bundle, keras_predictor.models)
+    assert (plain_views, tta_views) == (1, 4) and plain_flops > 0
+    assert tta_flops == pytest.approx(4 * plain_flops)
+

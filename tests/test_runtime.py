@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import openpyxl
 import pytest
 from typer.testing import CliRunner
 
@@ -58,3 +60,21 @@ def test_bench_prints_every_figure_for_each_backend(
         assert label in result.output
     diff = re.search(r"onnx, float32 vs keras float32 +max \|probability difference\| (\S+)", result.output)
     assert diff and float(diff.group(1)) <= 1e-4, result.output
+
+
+def test_jax_backend_names_its_device_and_refuses_a_missing_gpu(
+    small_bundle: Path, sample_images: list[Path], tmp_path: Path
+) -> None:
+    """Under KERAS_BACKEND=jax the device comes from JAX itself (on this GPU-less machine: the CPU)."""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    command = [sys.executable, "-m", "dermscore.cli", "run", str(sample_images[0]), "--model", str(small_bundle),
+               "--out", str(tmp_path / "r")]
+    refused = subprocess.run([*command, "--device", "gpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "--device gpu was asked for but JAX runs on cpu" in refused.stderr
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    sheet = openpyxl.load_workbook(tmp_path / "r" / "report.xlsx")["Run"]
+    run_sheet = {row[0]: row[1] for row in sheet.iter_rows(values_only=True)}
+    assert run_sheet["Device"].startswith("CPU:"), run_sheet["Device"]
+    assert run_sheet["Inference"].endswith("(jax backend)"), run_sheet["Inference"]

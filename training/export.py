@@ -57,7 +57,10 @@ def flip_averaged(model: keras.Model) -> keras.Model:
     """
     inputs = keras.Input(model.input_shape[1:], name="image")
     views = [inputs, ops.flip(inputs, axis=2), ops.flip(inputs, axis=1), ops.flip(inputs, axis=(1, 2))]
-    outputs = keras.layers.Average(name="flip_average")([model(view) for view in views])
+    # One call on the four views stacked along the batch: one copy of the network in the graph, so an
+    # ONNX export takes as long as the plain member's (four copies took tf2onnx 2.5x-6x longer).
+    probabilities = model(ops.concatenate(views, axis=0))
+    outputs = ops.mean(ops.reshape(probabilities, (4, -1, probabilities.shape[-1])), axis=0)
     return keras.Model(inputs, outputs, name=model.name)
 
 

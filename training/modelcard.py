@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dermscore.bundle import CLASS_CODES
 
 NAMES = {
@@ -119,7 +121,7 @@ def render(manifest: dict) -> str:
         "",
         "## Training",
         "",
-        f"Hardware: {training['hardware']}. Keras {training['keras']} ({training['backend']} backend).",
+        f"Exported (float32 reference figures, storage check) on: {training['exported_on']}.",
         "",
     ]
     for member, info in training["members"].items():
@@ -130,11 +132,13 @@ def render(manifest: dict) -> str:
         for number, stage in enumerate(info["stages"], start=1):
             hp = stage["hyperparameters"]
             lines.append(
-                f"  {number}. `{stage['command']}`: {stage['epochs_run']} epochs of {stage['steps_per_epoch']} "
+                f"  {number}. `{stage['command']}`: {stage['epochs_run']} epochs of "
+                f"{stage['steps_per_epoch'] or math.ceil(split['images']['train'] / stage['batch_size'])} "
                 f"steps x {stage['batch_size']} images, input {hp['input_size'][0]}x{hp['input_size'][1]}, "
                 f"peak learning rate {hp['learning_rate']}, sampling power {hp['sampling_power']}, label smoothing "
                 f"{hp['label_smoothing']}, init {hp['init']}{', warm start ' + hp['warm_start'] if hp.get('warm_start') else ''}; "
-                f"best validation balanced accuracy {stage['best_val_balanced_accuracy']:.3f} at epoch {stage['best_epoch']}."
+                f"best validation balanced accuracy {stage['best_val_balanced_accuracy']:.3f} at epoch {stage['best_epoch']}; "
+                f"trained on {' / '.join(stage['machines']) or 'a machine that was not recorded'}."
             )
     lines += [
         "",

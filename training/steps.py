@@ -108,6 +108,42 @@ def _deadline(stop_at: str | None) -> float | None:
     return deadline if deadline > now else deadline + 86400
 
 
+def machine_description() -> str:
+    """The accelerator (or CPU) and software a run used, so each member's figures name where they came from.
+
+    Asked of nvidia-smi and /proc/cpuinfo rather than the backend, whose device names ("gpu:0") say
+    nothing about the hardware.
+    """
+    import platform  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    import keras  # noqa: PLC0415
+
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
+        gpus = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        gpus = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+        if line.startswith("model name")
+    ]
+    cpu = names[0] if names else platform.machine()
+    backend = keras.config.backend()
+    backend_version = __import__(backend).__version__ if backend in ("jax", "tensorflow", "torch") else ""
+    hardware = f"{'; '.join(gpus.splitlines())} with " if gpus else ""
+    return f"{hardware}{os.cpu_count()} CPU cores ({cpu}); Keras {keras.__version__}, {backend} {backend_version}".strip()
+
+
+def record_machine(path: Path) -> None:
+    """Append this session to the run's machine log: a resumed run may continue on another machine."""
+    sessions = json.loads(path.read_text()) if path.is_file() else []
+    sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_description()})
+    path.write_text(json.dumps(sessions, indent=1))
+
+
 def run_train(args: argparse.Namespace) -> dict:
     results = {}
     for member in args.members:
@@ -116,6 +152,7 @@ def run_train(args: argparse.Namespace) -> dict:
         if not command.is_file():  # the command that started the run; a resume does not overwrite it
             run.folder.mkdir(parents=True, exist_ok=True)
             command.write_text(args.command + "\n")
+        record_machine(run.folder / "machine.json")
         state = run.fit(_deadline(args.stop_at))
         results[member] = {
             "best_val_balanced_accuracy": state["best"],
@@ -197,9 +234,11 @@ STRONGER_BUNDLE = (
     "ImageNet weights at 299x299 (InceptionV3) and 224x224 (DenseNet201), a 3-epoch head phase then full "
     "fine-tuning with frozen BatchNorm, mixed precision, on the full-resolution HAM10000 download "
     "(`--data` pointing at the folder with HAM10000_metadata.csv and HAM10000_images_part_1/_part_2). Its time "
-    "per epoch and its accuracy were not measured for this bundle (the machine that trained it had no GPU); the "
-    "per-epoch log (`history.csv`) of such a run records both. Offline, `--init PATH` takes locally stored "
-    "ImageNet backbone weights."
+    "per epoch and its accuracy have not been measured: the machines that trained this bundle could not download "
+    "ImageNet weights. The per-epoch log (`history.csv`) of such a run records both. Offline, `--init PATH` "
+    "takes locally stored ImageNet backbone weights. Without ImageNet weights, `--preset scratch-gpu` with "
+    "`--time-budget MINUTES` trains from scratch at 150x200 under any Keras backend (see Training for what one "
+    "such run gave)."
 )
 
 
@@ -210,9 +249,11 @@ def _stage(folder: Path) -> tuple[dict, list[dict]]:
     state = json.loads((folder / "state.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     command_file = folder / "command.txt"
+    machine_file = folder / "machine.json"
     seconds = sum(float(r["seconds"]) for r in rows)
     summary = {
         "command": command_file.read_text().strip() if command_file.is_file() else "unknown",
+        "machines": sorted({s["machine"] for s in json.loads(machine_file.read_text())}) if machine_file.is_file() else [],
         "epochs_run": len(rows),
         "steps_per_epoch": config["steps_per_epoch"],
         "batch_size": config["batch_size"],
@@ -260,8 +301,6 @@ def _member_training(run: MemberRun, history_path: Path) -> dict:
 
 def run_export(args: argparse.Namespace) -> dict:
     """Clean float32 members -> (float16) .keras files, re-evaluated from the written files, + manifest and card."""
-    import platform  # noqa: PLC0415
-
     import keras  # noqa: PLC0415
 
     from dermscore.bundle import CLASS_CODES, DEFAULT_BUNDLE, DEFAULT_MALIGNANT, models_dir, write_manifest  # noqa: PLC0415
@@ -354,14 +393,12 @@ def run_export(args: argparse.Namespace) -> dict:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "training": {
                 "summary": (
-                    "Both members were trained from scratch (no ImageNet weights) on CPU at low resolution from the "
-                    f"{args.data.name} copy of HAM10000, within a few hours of wall time; see Training."
+                    f"Both members were trained from scratch (no ImageNet weights) on the {args.data.name} copy of "
+                    "HAM10000; see Training for each member's machine and time."
                     if all(t["stages"][0]["hyperparameters"]["init"] == "none" for t in training.values())
                     else "Members were fine-tuned from pretrained backbone weights; see Training."
                 ),
-                "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, devices {keras.distribution.list_devices()}",
-                "backend": keras.config.backend(),
-                "keras": keras.__version__,
+                "exported_on": machine_description(),
                 "members": training,
             },
             "limitations": [

@@ -10,7 +10,7 @@ from importlib import metadata
 from dermscore import __version__
 from dermscore.aggregate import Thresholds
 from dermscore.onnx_backend import PROBE_TOLERANCE
-from dermscore.runtime import device_description
+from dermscore.runtime import device_description, keras_backend
 
 DISCLAIMER = "Results are decision support for research, not a diagnosis."
 
@@ -54,7 +54,7 @@ def environment(device: str, engine: str = "local", backend: str = "") -> dict[s
     inference = {
         "onnx": f"ONNX Runtime {_version('onnxruntime')} (members exported from Keras, checked within "
         f"{PROBE_TOLERANCE:g})",
-        "keras": f"Keras {_version('keras')}",
+        "keras": f"Keras {_version('keras')} ({keras_backend()} backend)",
     }.get(backend, "not recorded" if device else "none")
     return {
         "device": described,
