@@ -24,7 +24,7 @@ from dermscore.decode import decode_source
 from dermscore.errors import BundleError, InputError
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.records import Failure, Frame, ImageRef, Scored, Source
-from dermscore.runtime import DEFAULT_BATCH, Runtime, configure, resolve_backend, with_precision
+from dermscore.runtime import DEFAULT_BATCH, Runtime, configure, decode_workers, resolve_backend, with_precision
 from dermscore.report.thumbnail import make_thumbnail
 
 T = TypeVar("T")
@@ -147,14 +147,16 @@ def decode_and_prepare(item: Source | Failure, bundle: Bundle, thumbnails: bool 
 def score(
     items: Iterable[Source | Failure],
     predictor: Predictor,
-    workers: int = 2,
+    workers: int | None = None,
     thumbnails: bool = False,
 ) -> Iterator[Scored | Failure]:
     """The local engine: decode and preprocess in threads while the predictor runs full batches.
 
-    ``thumbnails`` keeps a small PNG on each ImageRef (for the workbook) instead of the full pixels.
+    ``workers`` defaults to ``decode_workers`` for the predictor's device. ``thumbnails`` keeps a small
+    PNG on each ImageRef (for the workbook) instead of the full pixels.
     """
     bundle = predictor.bundle
+    workers = workers or decode_workers(predictor.device)
     batch: list[Prepared] = []
 
     def flush() -> Iterator[Scored]:
