@@ -46,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         choices=("cpu", "scratch-gpu", "gpu"),
         default="cpu",
-        help="cpu: from scratch, low resolution (the shipped bundle); scratch-gpu: from scratch at 150x200; "
-        "gpu: ImageNet initialisation at 299/224",
+        help="cpu: from scratch, low resolution (the shipped DenseNet201); scratch-gpu: from scratch at 150x200 "
+        "(the shipped InceptionV3); gpu: ImageNet initialisation at 299/224",
     )
     parser.add_argument("--input-size", type=_size, help="HEIGHTxWIDTH, e.g. 75x100")
     parser.add_argument("--init", help="imagenet, none, or a local backbone weights file")

@@ -50,10 +50,10 @@ echo "training done $(( $(date +%s) - T0 )) s"
 for m in inceptionv3 densenet201; do
   grep -h "time budget\|deadline\|Error\|error" $W/train-$m.log | tail -5
   tail -n3 $W/members/$m/history.csv
-  cp $W/members/$m/best.keras /tmp/$m.keras && python3 -c "
-from pathlib import Path; from training.export import store_float16; store_float16(Path('/tmp/$m.keras'))"
-  ls -la /tmp/$m.keras; sha256sum /tmp/$m.keras
-  mkdir -p $W/ship/$m && (cd $W/ship/$m && split -b 15m -d /tmp/$m.keras $m.keras.part)
+  cp $W/members/$m/best.keras $W/$m.keras && python3 -c "
+from pathlib import Path; from training.export import store_float16; store_float16(Path('$W/$m.keras'))"
+  ls -la $W/$m.keras; sha256sum $W/$m.keras
+  mkdir -p $W/ship/$m && (cd $W/ship/$m && split -b 15m -d $W/$m.keras $m.keras.part)
 done
 cp $W/ship/*/* $OUT/
 META="members/inceptionv3/history.csv members/inceptionv3/state.json members/inceptionv3/config.json

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from dermscore.bundle import CLASS_CODES
 
 NAMES = {
@@ -132,8 +130,7 @@ def render(manifest: dict) -> str:
         for number, stage in enumerate(info["stages"], start=1):
             hp = stage["hyperparameters"]
             lines.append(
-                f"  {number}. `{stage['command']}`: {stage['epochs_run']} epochs of "
-                f"{stage['steps_per_epoch'] or math.ceil(split['images']['train'] / stage['batch_size'])} "
+                f"  {number}. `{stage['command']}`: {stage['epochs_run']} epochs of {stage['steps_per_epoch']} "
                 f"steps x {stage['batch_size']} images, input {hp['input_size'][0]}x{hp['input_size'][1]}, "
                 f"peak learning rate {hp['learning_rate']}, sampling power {hp['sampling_power']}, label smoothing "
                 f"{hp['label_smoothing']}, init {hp['init']}{', warm start ' + hp['warm_start'] if hp.get('warm_start') else ''}; "

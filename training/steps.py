@@ -21,6 +21,7 @@ from training.train import (
     SCRATCH_GPU_PRESETS,
     MemberRun,
     TrainConfig,
+    epoch_steps,
     resume_config,
     training_prior,
     with_overrides,
@@ -242,7 +243,7 @@ STRONGER_BUNDLE = (
 )
 
 
-def _stage(folder: Path) -> tuple[dict, list[dict]]:
+def _stage(folder: Path, train_images: int) -> tuple[dict, list[dict]]:
     """One training run's summary and history rows, from the files it left in its folder."""
     with open(folder / "history.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -255,7 +256,7 @@ def _stage(folder: Path) -> tuple[dict, list[dict]]:
         "command": command_file.read_text().strip() if command_file.is_file() else "unknown",
         "machines": sorted({s["machine"] for s in json.loads(machine_file.read_text())}) if machine_file.is_file() else [],
         "epochs_run": len(rows),
-        "steps_per_epoch": config["steps_per_epoch"],
+        "steps_per_epoch": epoch_steps(config["steps_per_epoch"], config["batch_size"], train_images),
         "batch_size": config["batch_size"],
         "seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / max(len(rows), 1), 1),
@@ -275,7 +276,7 @@ def _member_training(run: MemberRun, history_path: Path) -> dict:
     """
     stages, histories, folder = [], [], run.folder
     while folder is not None:
-        summary, rows = _stage(folder)
+        summary, rows = _stage(folder, len(run.train_indices))
         stages.insert(0, summary)
         histories.insert(0, rows)
         warm = summary["hyperparameters"].get("warm_start")
