@@ -4,6 +4,10 @@ Reports model-only and end-to-end images/s (for each backend asked for), the nai
 ``predict`` loop of the original study, the ensemble's share of the measured float32 matmul ceiling,
 peak RSS, time to first result and each setting's probability change against Keras float32, so a
 throughput claim always comes with the machine's own ceiling and its accuracy beside it.
+
+Shared machines drift: on our 2-core VMs the ceiling read anywhere from 88 to 151 GFLOP/s (EPYC) and
+332 to 405 (Xeon) within minutes. So the figures come in rounds, each a ceiling measurement followed at
+once by model-only and end-to-end runs; a share is taken within its round, and the table gives medians.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ class BenchReport:
     def table(self) -> str:
         width = max(len(k) for k, _ in self.rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in self.rows)
+
+
+@dataclass(frozen=True)
+class Round:
+    ceiling: float  # GFLOP/s, measured just before this round's runs
+    model_only: float  # images/s
+    end_to_end: float  # images/s
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -99,19 +110,13 @@ def peak_rss_mb() -> float:
 
 def run_bench(
     images: Sequence[Path], model: str | Path | None, batch_size: int | None, n_images: int, naive_images: int,
-    runtimes: Sequence[Runtime],
+    runtimes: Sequence[Runtime], rounds: int = 3,
 ) -> BenchReport:
     """Every figure for each runtime (backend) in turn, in this one process, on the same images.
 
     The naive loop and the FLOP count always use the Keras models: the loop is the original study's
     baseline, whatever backend is being measured.
     """
-    started = time.perf_counter()
-    # A ceiling is the best the machine did: measured first, before any framework's thread pools exist to
-    # compete with numpy's, and again at the end; the higher counts. On our shared 2-core machine single
-    # measurements ranged from 88 to 151 GFLOP/s, and a low one would inflate every share below.
-    ceiling = matmul_gflops()
-    ceiling_seconds = time.perf_counter() - started  # not start-up: left out of the time to first result
     bundle = load_bundle(model)
     device = configure(runtimes[0])
     batch_size = batch_size or default_batch_size(device)
@@ -122,7 +127,7 @@ def run_bench(
     prepared = [prepare(decode_source(file_source(p))[0].rgb, bundle.members) for p in paths[:batch_size]]
     batch = stack_inputs(prepared, bundle.members)
     rows: list[tuple[str, str]] = []
-    rates: list[tuple[str, float, float]] = []  # (label, model-only, end-to-end)
+    measured: list[tuple[str, list[Round]]] = []
     predictors: list[Predictor] = []
     for runtime in runtimes:
         predictor = Predictor(bundle, batch_size, runtime)
@@ -130,10 +135,10 @@ def run_bench(
         label = _label(predictor)
         next(r for r in score([file_source(paths[0])], predictor) if not isinstance(r, Failure))
         if len(predictors) == 1:
-            first = seconds_since_process_start() - ceiling_seconds
+            first = seconds_since_process_start()
             rows.append(("time to first result", f"{first:.1f} s from process start "
                          f"({label}: imports, load, verify, export if not cached, first batch)"))
-        rates.append((label, *_throughput(predictor, batch, paths)))
+        measured.append((label, _rounds(predictor, batch, paths, rounds)))
         rows.append((f"peak RSS after {label}", f"{peak_rss_mb():.0f} MB"))
 
     keras_models = next((p.models for p in predictors if p.backend == "keras"), None) or {
@@ -148,31 +153,45 @@ def run_bench(
     naive(1)  # warm-up, so the loop is not charged for building predict's function
     naive_rate = naive_images / _timed(lambda: naive(naive_images))
     flops, views = ensemble_flops(bundle, keras_models)
-    ceilings = (ceiling, matmul_gflops())
-    ceiling = max(ceilings)
-    ceiling_rate = ceiling * 1e9 / flops
+    ceilings = [r.ceiling for _, all_rounds in measured for r in all_rounds]
+    ceiling = _median(ceilings)
     on_cpu = device == "cpu"
     table = [
         ("device", device_description(device)),
         ("bundle", f"{bundle.name} {bundle.version}: "
                    + ", ".join(f"{m.architecture} {m.input_size[0]}x{m.input_size[1]}" for m in bundle.members)),
-        ("images, batch size", f"{n_images} ({len(images)} distinct files), batch {batch_size}"),
+        ("images, batch size", f"{n_images} ({len(images)} distinct files), batch {batch_size}, "
+                               f"{rounds} round{'s' if rounds > 1 else ''} per backend (medians below)"),
         ("ensemble GFLOPs / image", f"{flops / 1e9:.2f}" + (f" ({views} flipped views per member)" if views > 1 else "")),
         # numpy's GEMM runs on the CPU: a GPU's share of it would mean nothing, so it is only shown.
         ("matmul ceiling" if on_cpu else "CPU matmul ceiling (not the GPU's)",
-         f"{ceiling:.0f} GFLOP/s -> {ceiling_rate:.2f} images/s for this ensemble "
-         f"(best of {ceilings[0]:.0f} before and {ceilings[1]:.0f} after the run)"),
+         f"{ceiling:.0f} GFLOP/s -> {ceiling * 1e9 / flops:.2f} images/s for this ensemble "
+         f"({min(ceilings):.0f}-{max(ceilings):.0f} over the rounds"
+         + ("; each share below is against its own round's)" if on_cpu else ")")),
     ]
-    for label, model_only, e2e in rates:
+    for label, all_rounds in measured:
+        model_only = [r.model_only for r in all_rounds]
+        e2e = [r.end_to_end for r in all_rounds]
+        share = {kind: _median([getattr(r, kind) * flops / (r.ceiling * 1e9) for r in all_rounds])
+                 for kind in ("model_only", "end_to_end")}
+        of_model = _median([r.end_to_end / r.model_only for r in all_rounds])
         table += [
-            (f"model-only ({label})",
-             f"{model_only:.2f} images/s" + (f" ({model_only / ceiling_rate:.0%} of ceiling)" if on_cpu else "")),
-            (f"end-to-end ({label})", f"{e2e:.2f} images/s ("
-                                      + (f"{e2e / ceiling_rate:.0%} of ceiling, " if on_cpu else "")
-                                      + f"{e2e / model_only:.0%} of model-only, {e2e / naive_rate:.1f}x naive)"),
+            (f"model-only ({label})", f"{_median(model_only):.2f} images/s ("
+             + (f"{share['model_only']:.0%} of ceiling, " if on_cpu else "") + f"rounds {_spread(model_only)})"),
+            (f"end-to-end ({label})", f"{_median(e2e):.2f} images/s ("
+             + (f"{share['end_to_end']:.0%} of ceiling, " if on_cpu else "")
+             + f"{of_model:.0%} of model-only, {_median(e2e) / naive_rate:.1f}x naive, rounds {_spread(e2e)})"),
         ]
     table.append(("naive predict loop (keras)", f"{naive_rate:.2f} images/s"))
     return BenchReport(table + rows + _differences(predictors, batch))
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
 
 
 def _label(predictor: Predictor) -> str:
@@ -180,21 +199,24 @@ def _label(predictor: Predictor) -> str:
     return f"{predictor.backend}, {runtime.precision}" + (", xla" if runtime.xla else "")
 
 
-def _throughput(predictor: Predictor, batch: dict[str, np.ndarray], paths: Sequence[Path]) -> tuple[float, float]:
-    """Model-only images/s on one prepared batch, then end-to-end images/s from the files."""
+def _rounds(predictor: Predictor, batch: dict[str, np.ndarray], paths: Sequence[Path], rounds: int) -> list[Round]:
+    """Per round: the matmul ceiling, model-only images/s on one prepared batch, end-to-end from the files."""
     predictor(batch)  # warm-up: compile at the fixed batch shape
     batches = max(1, len(paths) // predictor.batch_size)
-    model_only = batches * predictor.batch_size / _timed(lambda: [predictor(batch) for _ in range(batches)])
     count = 0
 
     def end_to_end() -> None:
         nonlocal count
         count = sum(1 for r in score([file_source(p) for p in paths], predictor) if not isinstance(r, Failure))
 
-    e2e = len(paths) / _timed(end_to_end)
-    if count != len(paths):
-        raise RuntimeError(f"benchmark images failed to score: {len(paths) - count} of {len(paths)}")
-    return model_only, e2e
+    measured = []
+    for _ in range(rounds):
+        ceiling = matmul_gflops()
+        model_only = batches * predictor.batch_size / _timed(lambda: [predictor(batch) for _ in range(batches)])
+        measured.append(Round(ceiling, model_only, len(paths) / _timed(end_to_end)))
+        if count != len(paths):
+            raise RuntimeError(f"benchmark images failed to score: {len(paths) - count} of {len(paths)}")
+    return measured
 
 
 def _differences(predictors: Sequence[Predictor], batch: dict[str, np.ndarray]) -> list[tuple[str, str]]:

@@ -182,6 +182,7 @@ def bench(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default: per device).")] = None,
     n_images: Annotated[int, typer.Option("--images", help="Images to score per measurement (inputs are cycled).")] = 64,
     naive_images: Annotated[int, typer.Option(help="Images for the naive one-at-a-time predict loop.")] = 8,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of ceiling, model-only and end-to-end per backend; medians are shown.")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
     precision: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     xla: Annotated[bool, typer.Option("--xla/--no-xla", help="Compile the members with XLA.")] = False,
@@ -201,7 +202,7 @@ def bench(
         if not paths:
             raise UsageError(f"no images found under {', '.join(map(str, images))}")
         runtimes = [Runtime(device, precision, xla, name) for name in backend or ["auto"]]
-        report = run_bench(paths, model, batch_size, n_images, naive_images, runtimes)
+        report = run_bench(paths, model, batch_size, n_images, naive_images, runtimes, rounds)
     except DermscoreError as exc:
         _fail(exc)
     typer.echo(report.table())

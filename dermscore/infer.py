@@ -64,8 +64,8 @@ class Predictor:
         self.bundle = bundle
         self.batch_size = batch_size
         self.models = self._load_models()
-        # ONNX Runtime sessions are sized to a share of the cores each (load_onnx_members), so their
-        # members run at the same time; Keras members run one after the other on TensorFlow's pools.
+        # ONNX Runtime sessions are sized to a share of the cores each (load_onnx_members) and run on
+        # these threads at the same time; Keras members run one after the other on TensorFlow's pools.
         members = len(bundle.members)
         self._side_by_side = (
             ThreadPoolExecutor(members, thread_name_prefix="member") if self.backend == "onnx" and members > 1 else None
@@ -103,16 +103,28 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``batch[member]`` is (n, h, w, 3) float32 with n <= batch_size; returns ``member -> (n, classes)``."""
-
-        def member_probabilities(member: Member) -> tuple[str, np.ndarray]:
+        padded = {}
+        for member in self.bundle.members:
             x = batch[member.name]
-            n = len(x)
-            if n < self.batch_size:
-                x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), dtype=x.dtype)])
-            return member.name, np.asarray(self.models[member.name].predict_on_batch(x), dtype=np.float64)[:n]
+            if len(x) < self.batch_size:
+                x = np.concatenate([x, np.zeros((self.batch_size - len(x), *x.shape[1:]), dtype=x.dtype)])
+            padded[member.name] = x
 
-        run = self._side_by_side.map if self._side_by_side else map
-        return dict(run(member_probabilities, self.bundle.members))
+        def probabilities(name: str, x: np.ndarray) -> np.ndarray:
+            return np.asarray(self.models[name].predict_on_batch(x), dtype=np.float64)
+
+        n = len(next(iter(batch.values())))
+        if not self._side_by_side:
+            return {name: probabilities(name, x)[:n] for name, x in padded.items()}
+        # Each member's batch in halves on the shared threads: a thread that finishes the cheaper member
+        # takes a half of the costlier one instead of waiting for it. One thread per member, each with
+        # its whole batch, left a core idle while the slower member finished: 16.1 ensemble images/s
+        # against 16.6-16.7 in halves (median of 8 alternating rounds, 2-core Xeon).
+        half = -(-self.batch_size // 2)
+        starts = range(0, self.batch_size, half)
+        chunks = [(name, x[i:i + half]) for name, x in padded.items() for i in starts]
+        outputs = self._side_by_side.map(lambda chunk: probabilities(*chunk), chunks)
+        return {name: np.concatenate([next(outputs) for _ in starts])[:n] for name in padded}
 
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:

@@ -7,6 +7,7 @@ run before the first ``import keras``; ``dermscore.infer.load_keras`` does that 
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,12 +150,12 @@ def default_batch_size(device: str) -> int:
 def decode_workers(device: str) -> int:
     """Threads that decode and resize while the members run.
 
-    On a CPU the members need the cores, and two threads kept end-to-end at 95-100% of model-only on our
-    2-core machine. On a GPU the host's cores are otherwise idle, and two threads were the limit: an H200
-    scored the reference ensemble at 1,159 images/s model-only but 433 end-to-end. Leave two cores for
-    the inference loop and the rest of the process.
+    On a CPU the members need the cores, and two threads kept end-to-end at 91-100% of model-only on our
+    2-core machines. On a GPU the host's cores are otherwise idle, but the threads share the GIL: an H200
+    host (16 cores) scored the reference ensemble on the 600x450 sample at 1,086 images/s model-only and
+    end-to-end at 137-168 images/s with 2 threads, 292-347 with 6 or 10, and 282-294 with 14.
     """
-    return 2 if device == "cpu" else max(2, (os.cpu_count() or 2) - 2)
+    return 2 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2) - 2))
 
 
 def device_description(device: str) -> str:
@@ -169,7 +170,18 @@ def device_description(device: str) -> str:
         import jax
 
         return "GPU: " + ", ".join(d.device_kind for d in jax.devices())
-    return f"CPU: {os.cpu_count()} logical cores"
+    return f"CPU: {cpu_model()}, {os.cpu_count()} logical cores"
+
+
+def cpu_model() -> str:
+    """The processor's name (Linux), so a figure from one of our changing machines says which it was."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown model"
 
 
 def with_precision(config: Any, precision: str) -> Any:

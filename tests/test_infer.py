@@ -33,11 +33,12 @@ def test_scores_do_not_depend_on_batch_size(small_bundle: Path, sample_images: l
     bundle = load_bundle(small_bundle)
     sources = [file_source(p) for p in sample_images[:5]]
     results = {}
-    for batch_size in (1, 4):
+    for batch_size in (1, 3, 4):  # 3: a batch whose halves differ in size
         scored = list(score(sources, Predictor(bundle, batch_size)))
         assert all(isinstance(s, Scored) for s in scored)
         results[batch_size] = np.stack([ensemble(s.member_probabilities, bundle) for s in scored])
     np.testing.assert_allclose(results[1], results[4], atol=1e-6)
+    np.testing.assert_allclose(results[3], results[4], atol=1e-6)
     np.testing.assert_allclose(results[4].sum(axis=1), 1.0, atol=1e-6)
 
 

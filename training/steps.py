@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermscore.runtime import cpu_model
 from training import data, ensemble, metrics, report, split
 from training.models import ARCHITECTURES
 from training.train import (
@@ -115,7 +116,6 @@ def machine_description() -> str:
     Asked of nvidia-smi and /proc/cpuinfo rather than the backend, whose device names ("gpu:0") say
     nothing about the hardware.
     """
-    import platform  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
 
     import keras  # noqa: PLC0415
@@ -125,17 +125,10 @@ def machine_description() -> str:
         gpus = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         gpus = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
-        if line.startswith("model name")
-    ]
-    cpu = names[0] if names else platform.machine()
     backend = keras.config.backend()
     backend_version = __import__(backend).__version__ if backend in ("jax", "tensorflow", "torch") else ""
     hardware = f"{'; '.join(gpus.splitlines())} with " if gpus else ""
-    return f"{hardware}{os.cpu_count()} CPU cores ({cpu}); Keras {keras.__version__}, {backend} {backend_version}".strip()
+    return f"{hardware}{os.cpu_count()} CPU cores ({cpu_model()}); Keras {keras.__version__}, {backend} {backend_version}".strip()
 
 
 def record_machine(path: Path) -> None:
