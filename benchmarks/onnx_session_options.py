@@ -7,8 +7,9 @@ it after `python benchmarks/random_weights_bundle.py /tmp/bench-bundle`:
 
 The chosen settings live in ``dermscore.onnx_backend.session_options``; this script measures each
 against them, one change at a time, on the same prepared batch (each member alone on every physical
-core), then the ensemble with its members one after the other versus side by side on a share of the
-cores each, as ``dermscore.infer.Predictor`` runs them.
+core), then the ensemble three ways, in alternating rounds: members one after the other on every core;
+side by side on a share of the cores each, one thread per member with its whole batch; and
+``dermscore.infer.Predictor`` itself, where the same threads share the members' half-batches.
 """
 
 from __future__ import annotations
@@ -75,29 +76,40 @@ def main(bundle_path: Path, images: int) -> None:
     for label, changes in variants(ort, physical_cores()).items():
         rates = [measure(paths[m.name], m.input_size, changes, images) for m in bundle.members]
         print(label.ljust(64) + "".join(f"{r:14.2f}" for r in rates), flush=True)
-    for _ in range(2):  # alternated twice: the machine's pace drifts
-        for side_by_side in (False, True):
-            rate = ensemble_rate(bundle, paths, side_by_side, images)
-            label = "ensemble, members side by side" if side_by_side else "ensemble, members one after the other"
-            print(f"{label.ljust(64)}{rate:14.2f}   (ensemble images/s)", flush=True)
+    for _ in range(3):  # alternated: the machine's pace drifts
+        for mode in ENSEMBLE_MODES:
+            print(f"{('ensemble, ' + mode).ljust(64)}{ensemble_rate(bundle, paths, mode, images):14.2f}"
+                  "   (ensemble images/s)", flush=True)
 
 
-def ensemble_rate(bundle: Any, paths: dict[str, Path], side_by_side: bool, images: int) -> float:
-    """Ensemble images/s at batch 8: every core per member in turn, or the cores split between members
-    running at the same time (what the Predictor does with ONNX Runtime)."""
+ENSEMBLE_MODES = ("one after the other", "side by side, whole batches", "Predictor (side by side, half-batches)")
+
+
+def ensemble_rate(bundle: Any, paths: dict[str, Path], mode: str, images: int) -> float:
+    """Ensemble images/s at batch 8 for one of ``ENSEMBLE_MODES``."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from dermscore.infer import Predictor
     from dermscore.onnx_backend import OnnxModel, physical_cores
+    from dermscore.runtime import Runtime
 
-    threads = max(1, physical_cores() // len(bundle.members)) if side_by_side else physical_cores()
-    models = {m.name: OnnxModel(paths[m.name], threads) for m in bundle.members}
     rng = np.random.default_rng(0)
     batch = {m.name: rng.uniform(-1, 1, (8, *m.input_size, 3)).astype(np.float32) for m in bundle.members}
+    runs = max(1, images // 8)
+    if mode.startswith("Predictor"):
+        predictor = Predictor(bundle, 8, Runtime(backend="onnx"))
+        predictor(batch)  # warm-up
+        start = time.perf_counter()
+        for _ in range(runs):
+            predictor(batch)
+        return runs * 8 / (time.perf_counter() - start)
+    side_by_side = mode.startswith("side by side")
+    threads = max(1, physical_cores() // len(bundle.members)) if side_by_side else physical_cores()
+    models = {m.name: OnnxModel(paths[m.name], threads) for m in bundle.members}
 
     def run(name: str) -> np.ndarray:
         return models[name].predict_on_batch(batch[name])
 
-    runs = max(1, images // 8)
     with ThreadPoolExecutor(len(models)) as pool:
         list(pool.map(run, models))  # warm-up
         start = time.perf_counter()

@@ -117,9 +117,10 @@ class Predictor:
         if not self._side_by_side:
             return {name: probabilities(name, x)[:n] for name, x in padded.items()}
         # Each member's batch in halves on the shared threads: a thread that finishes the cheaper member
-        # takes a half of the costlier one instead of waiting for it. One thread per member, each with
-        # its whole batch, left a core idle while the slower member finished: 16.1 ensemble images/s
-        # against 16.6-16.7 in halves (median of 8 alternating rounds, 2-core Xeon).
+        # takes a half of the costlier one instead of waiting for it. One thread per member with its
+        # whole batch left a core idle while the slower member finished; on our 2-core Xeon halves were
+        # faster in each of 3 alternating rounds of benchmarks/onnx_session_options.py (14.7-14.8
+        # ensemble images/s against 13.9-14.5), and in 8 rounds in-process (median 16.7 against 16.1).
         half = -(-self.batch_size // 2)
         starts = range(0, self.batch_size, half)
         chunks = [(name, x[i:i + half]) for name, x in padded.items() for i in starts]

@@ -105,10 +105,10 @@ def load_onnx_members(bundle: Bundle, load_keras: Callable[[Member], Any]) -> di
     """Every member as an ONNX Runtime session, exporting (with ``load_keras``) those not cached yet.
 
     The Predictor runs the members side by side, so each session gets its share of the physical cores:
-    on our 2-core CPU two single-threaded sessions at once scored 5.6-6.4 ensemble images/s against
-    4.9-5.7 for one after the other on both cores, faster in each of four alternating pairs
-    (``benchmarks/onnx_session_options.py``); part of each member's time (DenseNet201's
-    concatenations) does not spread over threads.
+    on our 2-core EPYC two single-threaded sessions at once scored 5.6-6.4 ensemble images/s against
+    4.9-5.7 for one after the other on both cores, faster in each of four alternating pairs, and on a
+    2-core Xeon 13.9-14.5 against 13.4-14.0 (``benchmarks/onnx_session_options.py``); part of each
+    member's time (DenseNet201's concatenations) does not spread over threads.
     """
     threads = max(1, physical_cores() // len(bundle.members))
     return {m.name: OnnxModel(cached_export(bundle, m, load_keras), threads) for m in bundle.members}
