@@ -6,7 +6,7 @@ peak RSS, time to first result and each setting's probability change against Ker
 throughput claim always comes with the machine's own ceiling and its accuracy beside it.
 
 Shared machines drift: on our 2-core VMs the ceiling read anywhere from 88 to 151 GFLOP/s (EPYC) and
-332 to 405 (Xeon) within minutes. So the figures come in rounds, each a ceiling measurement followed at
+323 to 405 (Xeon) within minutes. So the figures come in rounds, each a ceiling measurement followed at
 once by model-only and end-to-end runs; a share is taken within its round, and the table gives medians.
 """
 
