@@ -36,7 +36,7 @@ def run(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Folders and image files to score (or `inputs` in --config).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Bundle folder or name in models/.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reports.")] = Path("dermscore-results"),
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default: 8 on CPU, 32 on GPU).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default: 8 on CPU, 64 on GPU).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or gpu; gpu fails clearly when none is found.")] = "auto",
     precision: Annotated[str, typer.Option(help="float32, or mixed float16/bfloat16 (GPU; see README).")] = "float32",
     xla: Annotated[bool, typer.Option("--xla/--no-xla", help="Compile the members with XLA.")] = False,
