@@ -25,7 +25,9 @@ _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
-def resize(rgb: np.ndarray, size: tuple[int, int], method: str = "bilinear", image: Image.Image | None = None) -> np.ndarray:
+def resize(
+    rgb: np.ndarray, size: tuple[int, int], method: str = "bilinear", image: Image.Image | None = None
+) -> np.ndarray:
     """Stretch an (H, W, 3) uint8 image to ``size`` = (height, width), antialiased when shrinking.
 
     ``image`` is ``rgb`` already converted to PIL, so a frame resized for several members is converted once.
@@ -33,7 +35,7 @@ def resize(rgb: np.ndarray, size: tuple[int, int], method: str = "bilinear", ima
     height, width = size
     if rgb.shape[:2] == (height, width):
         return rgb
-    image = image or Image.fromarray(rgb)
+    image = Image.fromarray(rgb) if image is None else image
     return np.asarray(image.resize((width, height), _PIL_RESAMPLING[method]))
 
 

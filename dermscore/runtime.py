@@ -153,9 +153,10 @@ def decode_workers(device: str) -> int:
     """Threads that decode and resize while the members run.
 
     On a CPU the members need the cores, and two threads kept end-to-end at 91-100% of model-only on our
-    2-core machines. On a GPU the host's cores are otherwise idle, but the threads share the GIL: an H200
-    host (16 cores) scored the reference ensemble on the 600x450 sample at 1,086 images/s model-only and
-    end-to-end at 137-168 images/s with 2 threads, 292-347 with 6 or 10, and 282-294 with 14.
+    2-core machines. On a GPU the host's cores are otherwise idle, but the threads share the GIL. An
+    H200 host (16 cores) scored the reference ensemble on the 600x450 sample at about 1,100 images/s
+    model-only. End-to-end it reached 168 images/s with 2 threads and 282 with 14. With 4, 6, 8, 10 and
+    12 threads, once preparing an image cost less, it reached 324, 452, 489, 424 and 397.
     """
     return 2 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2) - 2))
 
