@@ -20,6 +20,8 @@ import time
 from itertools import cycle, islice
 from pathlib import Path
 
+from dermscore.onnx_backend import CACHE_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO.parent / "shared" / "data" / "ham10000-200x150" / "images"
 
@@ -38,7 +40,7 @@ def peak_rss_of_run(count: int, bundle: Path, work: Path) -> tuple[float, float]
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", script, str(folder), str(bundle), str(work / f"out-{count}")],
                          capture_output=True, text=True, check=True,
-                         env={**os.environ, "DERMSCORE_CACHE": str(work / "cache")})  # not the user's cache
+                         env={**os.environ, CACHE_ENV: str(work / "cache")})  # not the user's cache
     seconds = time.perf_counter() - start
     peak_kb = int(next(line for line in out.stdout.splitlines() if line.startswith("PEAK")).split()[1])
     return peak_kb / 1024, seconds

@@ -84,7 +84,7 @@ def test_jax_backend_names_its_device_and_refuses_a_missing_gpu(
     assert run_sheet["Inference"].endswith("(jax backend)"), run_sheet["Inference"]
 
 
-def test_decode_threads_stay_two_on_cpu_and_use_the_host_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_threads_stay_two_on_cpu_and_up_to_eight_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU two decoding threads were the limit (168 of 1,086 images/s) and 14 were worse than 6-10
     (the GIL); on a CPU more would steal the members' cores."""
     from dermscore.runtime import decode_workers
