@@ -13,7 +13,8 @@ Rules (also in README, 'Reports'):
   distributions are further apart than the disagreement threshold in Jensen-Shannon divergence, base 2,
   0 = identical, 1 = disjoint); for lesions also ``images-disagree`` (the same test between its images),
   ``image-over-threshold`` (one image is over the malignant threshold though the lesion mean is not), and
-  ``members-disagree`` inherited from any of its images.
+  ``members-disagree`` inherited from any of its images; ``poor-quality`` (the image fails a check of
+  ``dermscore.gate.quality``, listed in its ``quality`` column), which a lesion also inherits.
 
 Lesion rows are computed from image rows (not from arrays), so reports can be regenerated from stored rows.
 """
@@ -28,6 +29,7 @@ import numpy as np
 
 from dermscore.bundle import Bundle
 from dermscore.errors import UsageError
+from dermscore.gate import quality
 from dermscore.lesion_map import LesionMap
 from dermscore.records import ImageRef, Scored
 
@@ -44,6 +46,8 @@ LESION_FROM_IMAGE = "image"
 MIXED = "(mixed)"
 FLAG_MALIGNANT = "malignant"
 FLAG_REVIEW = "review"
+POOR_QUALITY = "poor-quality"
+INHERITED_REASONS = ("members-disagree", POOR_QUALITY)  # a lesion has them when any of its images does
 SEPARATOR = ";"
 
 
@@ -148,7 +152,7 @@ def image_columns(bundle: Bundle) -> list[str]:
     """images.csv / Images sheet columns; the order is the report's contract (see README, 'Reports')."""
     return ["source", "frame", "sha256", "lesion_id", "lesion_source", *IDENTITY_COLUMNS, *bundle.classes,
             "predicted_class", "confidence", "malignant_probability",
-            *(member_column(m.name) for m in bundle.members), "member_divergence", "flags", "review_reasons",
+            *(member_column(m.name) for m in bundle.members), "member_divergence", "quality", "flags", "review_reasons",
             "bundle_name", "bundle_version"]
 
 
@@ -175,8 +179,10 @@ def image_row(
     for member, member_probabilities in zip(bundle.members, members):
         row[member_column(member.name)] = bundle.classes[int(np.argmax(member_probabilities))]
     members_disagree, row["member_divergence"] = disagree(members, thresholds)
+    poor = quality.problems(ref.quality, bundle.members)
+    row["quality"] = quality.label(poor, SEPARATOR)
     reasons = (["low-confidence"] if row["confidence"] < thresholds.review else []) + (
-        ["members-disagree"] if members_disagree else [])
+        ["members-disagree"] if members_disagree else []) + ([POOR_QUALITY] if poor else [])
     row.update(_flags(row["malignant_probability"] >= thresholds.malignant, reasons))
     row["bundle_name"] = bundle.name
     row["bundle_version"] = bundle.version
@@ -218,8 +224,8 @@ def lesion_rows(
             reasons.append("images-disagree")
         if not malignant and any(float(r["malignant_probability"]) >= thresholds.malignant for r in rows):
             reasons.append("image-over-threshold")
-        if any("members-disagree" in str(r.get("review_reasons") or "").split(SEPARATOR) for r in rows):
-            reasons.append("members-disagree")
+        image_reasons = {reason for r in rows for reason in str(r.get("review_reasons") or "").split(SEPARATOR)}
+        reasons.extend(reason for reason in INHERITED_REASONS if reason in image_reasons)
         lesion.update(_flags(malignant, reasons))
         lesion["images"] = " | ".join(image_label(str(r["source"]), r.get("frame")) for r in rows)
         lesion["bundle_name"] = bundle.name

@@ -52,6 +52,7 @@ def run(
     pseudonym_key_file: Annotated[Optional[Path], typer.Option(help="File with the secret key for --pseudonymize (else $DERMSCORE_PSEUDONYM_KEY).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace reports already in --out (default: write a timestamped subfolder).")] = False,
     lesion_attribute: Annotated[str, typer.Option(help="DICOM keyword whose value names the lesion (default: one lesion per series).")] = "SeriesInstanceUID",
+    modality: Annotated[Optional[list[str]], typer.Option(help="DICOM modalities to score, replacing the default XC,DMS,OT,SC,VL; repeat or separate with commas, e.g. --modality XC,DMS,CT.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML job file setting any of these options (README, 'Scheduled jobs'); options given here win.")] = None,
     ledger: Annotated[Optional[Path], typer.Option(help="Run ledger, SQLite (default: OUT/ledger.sqlite).")] = None,
     report: Annotated[str, typer.Option(help="Reports cover 'all' images the bundle scored so far, or only 'new' ones no finished run reported.")] = "all",
@@ -76,6 +77,7 @@ def run(
     from dermscore.aggregate import Thresholds
     from dermscore.config import load_job
     from dermscore.engines import RayOptions
+    from dermscore.report.write import SKIPPED_CSV
     from dermscore.run import RunOptions
     from dermscore.run import run as run_job
 
@@ -91,6 +93,7 @@ def run(
             thresholds=_table(ctx, job.pop("thresholds", Thresholds()), threshold_options),
             lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, pseudonymize=pseudonymize,
             pseudonym_key_file=pseudonym_key_file, overwrite=overwrite, lesion_attribute=lesion_attribute,
+            modality=modality or None,
             engine=engine, ray=_table(ctx, job.pop("ray", RayOptions()), ray_options),
             ledger=ledger, report=report, rescore=rescore, skip_failed=skip_failed, retry_failed=retry_failed,
             wait=wait, quiet=quiet, log_json=log_json,
@@ -119,8 +122,9 @@ def run(
         f"{len(summary.failures)} input(s) failed; {summary.skipped} unchanged input(s) already in the ledger "
         f"skipped; reports in {summary.out}"
     )
-    if summary.not_images:
-        typer.echo(f"skipped {summary.not_images} non-image DICOM object(s) (reports, presentation states, DICOMDIRs)")
+    if summary.set_aside:
+        typer.echo(f"skipped {len(summary.set_aside)} DICOM object(s) that are not skin photographs "
+                   f"({summary.set_aside_counts()}); see {summary.out / SKIPPED_CSV}")
     typer.echo("Results are decision support for research, not a diagnosis.")
     if summary.failures:
         typer.echo(f"see {summary.out / 'errors.csv'} for the inputs that could not be scored", err=True)

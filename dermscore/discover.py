@@ -1,9 +1,10 @@
 """Discovery: turn the user's inputs into a stream of Sources, cheaply and in a stable order.
 
 Nothing here decodes pixels. A file's kind comes from its first 132 bytes (``decode.sniff``), so
-DICOM is found whatever its name; DICOM files also have their file meta group read (a few hundred
-bytes) to set aside non-image objects (structured reports, presentation states) as Skipped and to
-open DICOMDIRs as file-sets. Zip archives are listed in place, never extracted.
+DICOM is found whatever its name; DICOM files also have their first 16 KiB read (the file meta group
+and the dataset up to Modality) to set aside as Skipped non-image objects (structured reports,
+presentation states) and objects the modality gate keeps out (CT, MR, ...; ``dermscore.gate.modality``),
+and to open DICOMDIRs as file-sets. Zip archives are listed in place, never extracted.
 
 Folders are walked recursively in sorted order (two runs list inputs identically), a folder's DICOMDIR
 first so the images it references are claimed before the walk meets them; every file is yielded at
@@ -24,17 +25,21 @@ from typing import TYPE_CHECKING
 
 from dermscore.decode import HEAD_BYTES, sniff
 from dermscore.errors import InputError
+from dermscore.gate.modality import ModalityGate
 from dermscore.records import DEFAULT_LESION_ATTRIBUTE, Failure, Skipped, Source
 
 if TYPE_CHECKING:
     from dermscore.decode.archives import ZipArchive
+    from dermscore.decode.dicom import Header
 
 RASTER_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".tif", ".tiff", ".bmp"})
 # Names that promise an image: when their content is not one, decode says why in errors.csv.
 IMAGE_LIKE_EXTENSIONS = RASTER_EXTENSIONS | {".dcm", ".dicom", ".dic", ".zip"}
-META_BYTES = 16 * 1024  # a DICOM file meta group is a few hundred bytes
+META_BYTES = 16 * 1024  # a DICOM file meta group is a few hundred bytes; Modality follows within 1 KiB or so
+DICOMDIR_CATEGORY = "DICOMDIR"
 
 Item = Source | Failure | Skipped
+Located = tuple[Source, Callable[[], bytes]]  # a DICOMDIR reference, and how to read its first META_BYTES
 
 
 def read_file(path: Path) -> bytes:
@@ -90,8 +95,9 @@ def escapes(relative: str) -> bool:
 class Discovery:
     """One run's discovery: remembers what was yielded so each file is scored once."""
 
-    def __init__(self, lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE) -> None:
+    def __init__(self, lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE, gate: ModalityGate | None = None) -> None:
         self.lesion_attribute = lesion_attribute
+        self.gate = gate or ModalityGate()
         self.seen: set[tuple[int, int]] = set()
         self.seen_dirs: set[tuple[int, int]] = set()
 
@@ -177,25 +183,31 @@ class Discovery:
         meta_head: Callable[[], bytes],
         read: Callable[[], bytes],
         kind: str,
-        locate: Callable[[str], Source | None],
+        locate: Callable[[str], Located | None],
     ) -> Iterator[Item]:
-        """A DICOM object: an image Source, a Skipped non-image, or (a DICOMDIR) its file-set."""
-        from dermscore.decode.dicom import MEDIA_STORAGE_DIRECTORY, meta_sop_class, sop_class_skip_reason
+        """A DICOM object: an image Source, a Skipped object, or (a DICOMDIR) its file-set."""
+        from dermscore.decode.dicom import MEDIA_STORAGE_DIRECTORY
 
-        try:
-            sop_class = meta_sop_class(meta_head())
-        except OSError:
-            sop_class = ""  # decode will say what is wrong with it
-        if sop_class == MEDIA_STORAGE_DIRECTORY:
+        header = dicom_header(meta_head)
+        if header.sop_class == MEDIA_STORAGE_DIRECTORY:
             yield from self.fileset(location, read, locate)
             return
-        reason = sop_class_skip_reason(sop_class) if sop_class else None
-        if reason:
-            yield Skipped(location, reason)
-        else:
-            yield Source(location, read, kind, self.lesion_attribute)
+        yield self.classify(Source(location, read, kind, self.lesion_attribute), header)
 
-    def fileset(self, location: str, read: Callable[[], bytes], locate: Callable[[str], Source | None]) -> Iterator[Item]:
+    def classify(self, source: Source, header: Header) -> Source | Skipped:
+        """The source itself, or a Skipped when it is no image or the modality gate keeps it out."""
+        from dermscore.decode.dicom import sop_class_skip_reason
+
+        reason = sop_class_skip_reason(header.sop_class) if header.sop_class else None
+        if reason:
+            return Skipped(source.location, reason)
+        refused = self.gate.refuse(header.sop_class, header.modality)
+        if refused:
+            code, reason = refused
+            return Skipped(source.location, reason, f"modality {code}")
+        return source
+
+    def fileset(self, location: str, read: Callable[[], bytes], locate: Callable[[str], Located | None]) -> Iterator[Item]:
         """A DICOMDIR's referenced files, each claimed so the walk does not score it again."""
         from dermscore.decode.dicom import MEDIA_STORAGE_DIRECTORY, fileset_references, sop_class_skip_reason
 
@@ -204,22 +216,26 @@ class Discovery:
         except (InputError, OSError) as exc:
             yield Failure(location, "discover", str(exc))
             return
-        yield Skipped(location, sop_class_skip_reason(MEDIA_STORAGE_DIRECTORY) or "")
+        yield Skipped(location, sop_class_skip_reason(MEDIA_STORAGE_DIRECTORY) or "", DICOMDIR_CATEGORY)
         for reference in references:
             where = f"{location} -> {reference.path}"
             if escapes(reference.path):
                 yield Failure(where, "discover", "refused: the DICOMDIR references a file outside its own folder")
                 continue
             try:
-                source = locate(reference.path)
+                located = locate(reference.path)
             except InputError as exc:
                 yield Failure(where, exc.stage, str(exc))
                 continue
-            if source is None:
+            if located is None:
                 continue  # listed twice, or already met through another input
-            yield Skipped(source.location, reference.skip_reason) if reference.skip_reason else source
+            source, head = located
+            if reference.skip_reason:
+                yield Skipped(source.location, reference.skip_reason)
+            else:
+                yield self.classify(source, dicom_header(head))
 
-    def locate_file(self, root: Path, relative: str) -> Source | None:
+    def locate_file(self, root: Path, relative: str) -> Located | None:
         """A DICOMDIR reference on disk; refused when a link takes it outside the file-set's folder."""
         path = root / relative
         if not path.is_file():
@@ -229,7 +245,7 @@ class Discovery:
             raise InputError("refused: the referenced file links outside the DICOMDIR's folder", stage="discover")
         if not first_time:
             return None
-        return file_source(path, "dicomdir-ref", self.lesion_attribute)
+        return file_source(path, "dicomdir-ref", self.lesion_attribute), partial(read_head, path, META_BYTES)
 
     def archive(self, path: Path) -> Iterator[Item]:
         """A zip's members, read in place; a DICOMDIR inside claims its members like on disk."""
@@ -268,7 +284,7 @@ class Discovery:
             elif found == "raster":
                 yield Source(location, read, "zip-member", self.lesion_attribute)
 
-    def locate_member(self, archive: ZipArchive, folder: str, claimed: set[str], relative: str) -> Source | None:
+    def locate_member(self, archive: ZipArchive, folder: str, claimed: set[str], relative: str) -> Located | None:
         """A DICOMDIR reference inside a zip: the member at that path under the DICOMDIR's folder."""
         name = posixpath.normpath(posixpath.join(folder, relative)) if folder else relative
         if name not in archive.names:
@@ -279,10 +295,25 @@ class Discovery:
         problem = archive.problem(archive.names[name])
         if problem:
             raise InputError(problem, stage="read")
-        return Source(archive.location(name), partial(archive.read, name), "zip-member", self.lesion_attribute)
+        source = Source(archive.location(name), partial(archive.read, name), "zip-member", self.lesion_attribute)
+        return source, partial(archive.read, name, META_BYTES)
 
 
-def discover(inputs: Iterable[Path], lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE) -> Iterator[Item]:
-    """Yield a Source per image under each input, a Skipped per non-image DICOM object, and a
-    Failure per input that cannot be listed or read (files given directly are taken whatever their name)."""
-    yield from Discovery(lesion_attribute).inputs(inputs)
+def dicom_header(head: Callable[[], bytes]) -> Header:
+    """SOP class and Modality from a DICOM file's first bytes; empty when they cannot be read (decode
+    then says what is wrong with the file)."""
+    from dermscore.decode.dicom import Header, read_header
+
+    try:
+        return read_header(head())
+    except OSError:
+        return Header("", "")
+
+
+def discover(
+    inputs: Iterable[Path], lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE, gate: ModalityGate | None = None
+) -> Iterator[Item]:
+    """Yield a Source per image under each input, a Skipped per DICOM object that is not scored (no
+    image, or a modality ``gate`` keeps out), and a Failure per input that cannot be listed or read
+    (files given directly are taken whatever their name)."""
+    yield from Discovery(lesion_attribute, gate).inputs(inputs)

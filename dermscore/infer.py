@@ -22,6 +22,7 @@ import numpy as np
 from dermscore.bundle import Bundle, Member
 from dermscore.decode import decode_source
 from dermscore.errors import BundleError, InputError
+from dermscore.gate.quality import measure
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.records import Failure, Frame, ImageRef, Scored, Source
 from dermscore.runtime import DEFAULT_BATCH, Runtime, configure, decode_workers, resolve_backend, with_precision
@@ -149,7 +150,9 @@ def decode_and_prepare(item: Source | Failure, bundle: Bundle, thumbnails: bool 
         return item
     try:
         frames: list[Frame] = decode_source(item)
-        refs = [replace(f.ref, thumbnail=make_thumbnail(f.rgb)) if thumbnails else f.ref for f in frames]
+        # Quality is measured here, in the decode threads of every engine, while the full pixels are at hand.
+        refs = [replace(f.ref, quality=measure(f.rgb), thumbnail=make_thumbnail(f.rgb) if thumbnails else None)
+                for f in frames]
         return [(ref, prepare(frame.rgb, bundle.members)) for ref, frame in zip(refs, frames)]
     except InputError as exc:
         return Failure(item.location, exc.stage, str(exc))

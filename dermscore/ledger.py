@@ -13,6 +13,14 @@ Tables:
   image's identity as JSON (plus the ``--thumbnails`` PNG), so reports, with whatever thresholds and
   lesion maps a later run uses, can be regenerated from the ledger alone (``frame`` is -1
   for single-image files, because SQLite treats NULLs as distinct in unique keys).
+- ``skipped_objects`` (schema 2): one row per (bundle identity, location) that discovery set aside
+  (non-image DICOM objects, modalities the gate keeps out), with its category and reason, so
+  skipped.csv covers earlier runs like the other reports. A location is in at most one of
+  ``inputs`` and ``skipped_objects``: the latest run's decision wins (``--modality CT`` scores a CT
+  that an earlier run set aside, and the next run without it sets it aside again).
+
+Schema versions (``PRAGMA user_version``): 1 the first; 2 adds ``skipped_objects``. Opening a
+version-1 ledger creates the table (nothing else changes), so existing ledgers keep their results.
 
 Only one run may hold a ledger: an exclusive ``fcntl.flock`` on ``<ledger>.lock``, which the kernel
 releases when the process dies, however it dies. POSIX only (cron and systemd hosts).
@@ -45,10 +53,10 @@ import numpy as np
 
 from dermscore.errors import LedgerBusyError, UsageError
 from dermscore.infer import bounded_map
-from dermscore.records import Failure, ImageRef, Scored, Source
+from dermscore.records import Failure, ImageRef, Scored, Skipped, Source
 
 LEDGER_NAME = "ledger.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NO_FRAME = -1
 # Which inputs a run takes on (see README, "Scheduled jobs"): the default retries failures.
 SELECTIONS = ("default", "rescore", "skip-failed", "retry-failed")
@@ -85,6 +93,15 @@ CREATE TABLE IF NOT EXISTS images (
     run_id TEXT NOT NULL,
     scored_at TEXT NOT NULL,
     PRIMARY KEY (bundle, location, frame)
+);
+CREATE TABLE IF NOT EXISTS skipped_objects (
+    bundle TEXT NOT NULL,
+    location TEXT NOT NULL,
+    category TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (bundle, location)
 );
 CREATE INDEX IF NOT EXISTS images_run ON images (run_id);
 CREATE INDEX IF NOT EXISTS inputs_run ON inputs (run_id);
@@ -211,6 +228,19 @@ class Ledger:
     def recorder(self, run_id: str, bundle_identity: str) -> Recorder:
         return Recorder(self, run_id, bundle_identity)
 
+    def record_skipped(self, run_id: str, bundle_identity: str, skipped: Iterable[Skipped]) -> None:
+        """Store this run's set-aside objects in one transaction, replacing what the ledger held for them
+        (a result scored by an earlier run under another allow-list is dropped, as the new rule says)."""
+        now = utc_now()
+        with self.db:
+            for item in skipped:
+                forget(self.db, bundle_identity, item.location)
+                self.db.execute(
+                    "INSERT INTO skipped_objects (bundle, location, category, reason, run_id, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (bundle_identity, item.location, item.category, item.reason, run_id, now),
+                )
+
     # --- what was scored --------------------------------------------------------------------------
     def _scope(self, new_only: bool, alias: str) -> str:
         """SQL condition: rows from runs whose reports were never delivered (this one included)."""
@@ -235,6 +265,15 @@ class Ledger:
             + " ORDER BY s.location"
         )
         return [Failure(*row) for row in self.db.execute(query, (bundle_identity,))]
+
+    def skipped_objects(self, bundle_identity: str, new_only: bool = False) -> list[Skipped]:
+        """What runs of this bundle set aside (skipped.csv), in location order."""
+        query = (
+            "SELECT s.location, s.reason, s.category FROM skipped_objects s WHERE s.bundle = ?"
+            + self._scope(new_only, "s")
+            + " ORDER BY s.location"
+        )
+        return [Skipped(*row) for row in self.db.execute(query, (bundle_identity,))]
 
 
 class Recorder:
@@ -311,9 +350,7 @@ class Recorder:
         return BatchStats(self.batches, images, failed)
 
     def _forget(self, location: str) -> None:
-        db = self.ledger.db
-        db.execute("DELETE FROM images WHERE bundle = ? AND location = ?", (self.bundle, location))
-        db.execute("DELETE FROM inputs WHERE bundle = ? AND location = ?", (self.bundle, location))
+        forget(self.ledger.db, self.bundle, location)
 
     def _close(self, now: str) -> None:
         if self.open is None:
@@ -328,6 +365,12 @@ class Recorder:
             (self.bundle, location, sha, self.run_id, now, self.bundle, location),
         )
         self.open = None
+
+
+def forget(db: sqlite3.Connection, bundle_identity: str, location: str) -> None:
+    """Drop everything the ledger holds about one location, before recording its new outcome."""
+    for table in ("images", "inputs", "skipped_objects"):
+        db.execute(f"DELETE FROM {table} WHERE bundle = ? AND location = ?", (bundle_identity, location))
 
 
 def content_hash(item: Source | Failure) -> tuple[Source | Failure, str | None]:
@@ -346,6 +389,7 @@ def encode_scored(scored: Scored) -> str:
             "members": {name: np.asarray(p, dtype=np.float64).tolist() for name, p in scored.member_probabilities.items()},
             "lesion_id": scored.ref.lesion_id,
             "attributes": scored.ref.attributes,
+            "quality": scored.ref.quality,
         },
         default=str,  # DICOM values (PersonName, MultiValue) are kept as the text a report shows
     )
@@ -360,6 +404,7 @@ def decode_scored(location: str, frame: int, sha: str, result: str, thumbnail: b
         attributes=data.get("attributes") or {},
         lesion_id=data.get("lesion_id"),
         thumbnail=thumbnail,
+        quality=data.get("quality"),  # absent in rows written before quality was measured
     )
     return Scored(ref, {name: np.asarray(p, dtype=np.float64) for name, p in data["members"].items()})
 

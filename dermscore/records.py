@@ -27,12 +27,21 @@ class Source:
     lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE
 
 
+NOT_AN_IMAGE = "not an image"
+
+
 @dataclass(frozen=True)
 class Skipped:
-    """An object deliberately not scored (DICOM SR, presentation state, DICOMDIR): counted, not a failure."""
+    """An object deliberately not scored: a non-image DICOM object (SR, presentation state, DICOMDIR) or
+    one the modality gate keeps out (CT, MR, ...). Listed in skipped.csv, never a failure.
+
+    ``category`` is the short form reports and the run summary group by (``not an image``,
+    ``DICOMDIR``, ``modality CT``); ``reason`` says in words why, and what to do to score it.
+    """
 
     location: str
     reason: str
+    category: str = NOT_AN_IMAGE
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,9 @@ class ImageRef:
     # A small PNG of the image for the workbook, made at decode only with --thumbnails, so full-size
     # pixels are never kept past preprocessing.
     thumbnail: bytes | None = field(default=None, compare=False, repr=False)
+    # Image-quality measurements (dermscore.gate.quality.measure), made in the decode threads; None for
+    # images scored before quality was measured. The verdict is derived from them at report time.
+    quality: dict[str, float] | None = field(default=None, compare=False)
 
 
 @dataclass

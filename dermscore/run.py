@@ -8,6 +8,7 @@ from __future__ import annotations
 import shlex
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from dermscore.bundle import Bundle, load_bundle
 from dermscore.discover import discover
 from dermscore.engines import ENGINES, RayOptions
 from dermscore.errors import UsageError
+from dermscore.gate.modality import ModalityGate, parse_modalities
 from dermscore.infer import Predictor, score
 from dermscore.ledger import (SELECTIONS, EventLog, Ledger, default_ledger_path, open_ledger, pause_point,
                               stop_requested)
@@ -60,6 +62,8 @@ class RunOptions:
     quiet: bool = False
     log_json: Path | None = None  # JSON-lines event log, appended
     lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE  # DICOM keyword whose value names the lesion
+    # --modality: the DICOM modalities scored (replaces dermscore.gate.modality.DEFAULT_ALLOWED); None: default
+    modality: list[str] | None = None
     engine: str = "local"  # local | ray (dermscore.engines)
     ray: RayOptions = field(default_factory=RayOptions)  # where and how wide, with engine="ray"
 
@@ -80,11 +84,16 @@ class RunSummary:
     backend: str = ""  # onnx | keras as the local engine used it; "" for none or Ray
     failures: list[Failure] = field(default_factory=list)  # inputs that failed in this run
     skipped: int = 0  # inputs the ledger already holds with unchanged content
-    not_images: int = 0  # DICOM objects set aside as non-images (SR, presentation states, DICOMDIR)
+    set_aside: list[Skipped] = field(default_factory=list)  # DICOM objects not scored: non-images, gated modalities
     reported: int = 0  # image rows in the reports (all so far, or only the new ones)
     interrupted: bool = False  # SIGINT/SIGTERM: stopped after a batch, no reports written
     ledger: Path | None = None
     run_id: str = ""
+
+    def set_aside_counts(self) -> str:
+        """What was set aside, by category, most frequent first: ``2 modality CT, 1 not an image``."""
+        counts = Counter(item.category for item in self.set_aside)
+        return ", ".join(f"{n} {category}" for category, n in counts.most_common())
 
 
 def run(options: RunOptions) -> RunSummary:
@@ -106,6 +115,7 @@ def run(options: RunOptions) -> RunSummary:
         from dermscore.decode.dicom import check_lesion_attribute
 
         check_lesion_attribute(options.lesion_attribute)
+    gate = ModalityGate(parse_modalities(options.modality)) if options.modality else ModalityGate()
     key = load_key(options.pseudonym_key_file) if options.pseudonymize else None
     lesion_maps = read_lesion_maps(options.lesion_map, options.metadata)
     options.out.mkdir(parents=True, exist_ok=True)
@@ -116,8 +126,9 @@ def run(options: RunOptions) -> RunSummary:
                 bundle = load_bundle(options.model)
                 summary = RunSummary(bundle=bundle, out=options.out, ledger=ledger_path)
                 summary.run_id = ledger.begin_run(bundle.identity, shlex.join(sys.argv))
-                found = _set_aside_not_images(discover(options.inputs, options.lesion_attribute), summary)
+                found = _set_aside(discover(options.inputs, options.lesion_attribute, gate), summary)
                 sources = list(ledger.plan(found, bundle.identity, selection, stop))
+                ledger.record_skipped(summary.run_id, bundle.identity, summary.set_aside)
                 summary.skipped = ledger.skipped
                 log.event("run_start", run_id=summary.run_id, bundle=bundle.identity, ledger=ledger_path,
                           inputs=options.inputs, pending=len(sources), skipped=ledger.skipped)
@@ -133,15 +144,16 @@ def run(options: RunOptions) -> RunSummary:
             raise
         log.event("run_end", run_id=summary.run_id, status="interrupted" if summary.interrupted else "done",
                   scored=summary.scored, failed=len(summary.failures), skipped=summary.skipped,
+                  set_aside=len(summary.set_aside),
                   reported=summary.reported, reports=summary.out)
     return summary
 
 
-def _set_aside_not_images(items: Iterable[Source | Failure | Skipped], summary: RunSummary) -> Iterator[Source | Failure]:
-    """Count non-image DICOM objects (a number in the summary, not failures) and pass the rest on."""
+def _set_aside(items: Iterable[Source | Failure | Skipped], summary: RunSummary) -> Iterator[Source | Failure]:
+    """Keep what discovery set aside (for the ledger and skipped.csv; not failures) and pass the rest on."""
     for item in items:
         if isinstance(item, Skipped):
-            summary.not_images += 1
+            summary.set_aside.append(item)
         else:
             yield item
 
@@ -228,4 +240,5 @@ def _report(
                    lesion_maps=[f"{m.kind}: {m.path}" for m in lesion_maps], pseudonymized=key is not None,
                    **environment(summary.device, options.engine, summary.backend))
     failures = ledger.failures(bundle.identity, new_only)
-    summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails)
+    skipped = ledger.skipped_objects(bundle.identity, new_only)
+    summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails, skipped)

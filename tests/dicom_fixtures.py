@@ -272,3 +272,30 @@ def dicomdir(path: Path, entries: list[FileSetEntry]) -> Path:
     ds.DirectoryRecordSequence = Sequence(records)
     return save(ds, path, ExplicitVRLittleEndian)
 
+
+
+ULTRASOUND = UID("1.2.840.10008.5.1.4.1.1.6.1")
+OPHTHALMIC_8BIT = UID("1.2.840.10008.5.1.4.1.1.77.1.5.1")
+
+
+def pydicom_test_file(name: str) -> Path:
+    """A real object pydicom ships (``CT_small.dcm``: CT Image Storage, ``MR_small.dcm``: MR Image Storage)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.fail(f"pydicom's test file {name} is missing from this pydicom installation")
+    return Path(path)
+
+
+def greyscale_object(rgb: np.ndarray, path: Path, sop_class: UID, modality: str | None) -> Path:
+    """A greyscale image object of any SOP class and Modality (None: no Modality attribute at all),
+    as an ultrasound frame or a non-conformant export would be."""
+    ds = base_dataset(*rgb.shape[:2], sop_class=sop_class)
+    _pixels(ds, 1, "MONOCHROME2", 8)
+    if modality is None:
+        del ds.Modality
+    else:
+        ds.Modality = modality
+    ds.PixelData = grey_of(rgb).tobytes()
+    return save(ds, path, ExplicitVRLittleEndian)

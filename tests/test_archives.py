@@ -175,7 +175,7 @@ def test_run_over_archives_dicom_and_broken_files_scores_each_good_image_once(
     result = CliRunner().invoke(app, ["run", str(inbox), "--model", str(small_bundle), "--out", str(out),
                                       "--no-progress", "--lesion-attribute", "PatientID"])
     assert result.exit_code == 3, result.output
-    assert "skipped 3 non-image DICOM object(s)" in result.output  # loose SR, DICOMDIR, SR in the zip
+    assert "skipped 3 DICOM object(s) that are not skin photographs" in result.output  # loose SR, DICOMDIR, SR in the zip
 
     images = pd.read_csv(out / "images.csv", dtype={"frame": "Int64"})
     scored = sorted(zip(images["source"], images["frame"].fillna(0)))

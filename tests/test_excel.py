@@ -25,7 +25,7 @@ from dermscore.report.run_info import DISCLAIMER
 
 METADATA = SMALL_200 / "HAM10000_metadata.csv"
 HOSTILE_NAMES = ['=HYPERLINK("x").jpg', "+cmd.jpg", "@SUM(1).jpg", "-2+3.jpg"]
-SHEETS = ["Summary", "Lesions", "Images", "Errors", "Run"]
+SHEETS = ["Summary", "Lesions", "Images", "Errors", "Skipped", "Run"]
 runner = CliRunner()
 
 
@@ -68,7 +68,7 @@ def test_workbook_has_the_sheets_headers_frozen_panes_and_filters(report: dict) 
     assert wb.sheetnames == SHEETS
     bundle = report["bundle"]
     expected = {"Lesions": ["thumbnail", *lesion_columns(bundle)], "Images": image_columns(bundle),
-                "Errors": ["source", "stage", "reason"]}
+                "Errors": ["source", "stage", "reason"], "Skipped": ["source", "category", "reason"]}
     for name, header in expected.items():
         ws = wb[name]
         assert [c.value for c in ws[1]] == header
@@ -137,15 +137,18 @@ def test_lesion_rows_aggregate_the_images_of_each_ham10000_lesion(report: dict) 
 
 def test_summary_counts_agree_with_the_data_sheets(report: dict) -> None:
     wb = load_workbook(report["out"] / "report.xlsx")
-    facts = {row[0].value: row[1].value for row in wb["Summary"].iter_rows(min_row=4, max_row=15)}
+    facts = {row[0].value: row[1].value for row in wb["Summary"].iter_rows(min_row=4, max_row=17)}
     images = pd.read_excel(report["out"] / "report.xlsx", sheet_name="Images")
     lesions = pd.read_excel(report["out"] / "report.xlsx", sheet_name="Lesions")
     assert facts["Images scored"] == len(images) and facts["Lesions"] == len(lesions)
     assert facts["Inputs that failed (see Errors)"] == 1
+    assert facts["DICOM objects not scored (see Skipped)"] == 0
+    poor = images["review_reasons"].fillna("").str.split(";").map(lambda reasons: "poor-quality" in reasons)
+    assert facts["Images of poor quality (review reason poor-quality)"] == int(poor.sum())
     assert facts["Lesions flagged (malignant or review)"] == int(lesions["flags"].notna().sum())
     assert facts["Lesions flagged malignant"] == int((lesions["malignant_probability"] >= 0.4).sum())
     assert facts["Run time"] > timedelta(0)  # a duration cell, read back as a timedelta
-    table = {row[0].value: (row[1].value, row[2].value) for row in wb["Summary"].iter_rows(min_row=18)}
+    table = {row[0].value: (row[1].value, row[2].value) for row in wb["Summary"].iter_rows(min_row=20)}
     for code in CLASS_CODES:
         assert table[code] == (int((lesions["predicted_class"] == code).sum()),
                                int((images["predicted_class"] == code).sum()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, iter_pixels
-from pydicom.uid import UID
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dermscore.decode import jpeg_plugin
 from dermscore.decode.raster import MAX_PIXELS
@@ -34,6 +36,7 @@ from dermscore.errors import InputError, UsageError
 from dermscore.records import DEFAULT_LESION_ATTRIBUTE, Frame, ImageRef
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+MODALITY_TAG = Tag(0x0008, 0x0060)
 
 # ImageRef.attributes keys (the report's column names) -> DICOM keywords.
 IDENTITY = {
@@ -77,19 +80,40 @@ def sop_class_skip_reason(sop_class_uid: str) -> str | None:
     return f"not an image: {uid.name}"
 
 
-def meta_sop_class(head: bytes) -> str:
-    """Media Storage SOP Class UID from the file meta group at the start of a DICOM file.
+@dataclass(frozen=True)
+class Header:
+    """What discovery learns about a DICOM object from its first bytes, before anything is decoded."""
 
-    Reads only the meta group (a few hundred bytes), so discovery never touches the dataset.
-    Returns "" when the meta group is unreadable; decode then reports the real problem.
+    sop_class: str  # Media Storage SOP Class UID (else the dataset's SOP Class UID); "" when unreadable
+    modality: str  # Modality (0008,0060), upper case; "" when absent, empty or not within the head
+
+
+def read_header(head: bytes) -> Header:
+    """SOP class and Modality from the start of a DICOM file (discovery's ``META_BYTES`` head).
+
+    Reads the file meta group, then the dataset only up to Modality (0008,0060), which comes within
+    the first elements of every object (the dataset is in ascending tag order), so no pixel data and
+    no more bytes than the head are ever read. A deflated dataset is inflated as far as the head goes.
+    Anything unreadable leaves a field empty; decode then reports the real problem.
     """
     stream = io.BytesIO(head)
     try:
         read_preamble(stream, False)
         meta = read_dataset(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2)
-        return str(meta.get("MediaStorageSOPClassUID", ""))
     except (InvalidDicomError, EOFError, ValueError, KeyError, NotImplementedError):
-        return ""
+        return Header("", "")
+    sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
+    syntax = UID(str(meta.get("TransferSyntaxUID", "") or ExplicitVRLittleEndian))
+    try:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            stream = io.BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream.read()))
+        ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                          stop_when=lambda tag, vr, length: tag > MODALITY_TAG)
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        sop_class = sop_class or str(ds.get("SOPClassUID", "") or "")
+    except (InvalidDicomError, EOFError, ValueError, KeyError, NotImplementedError, TypeError, zlib.error):
+        modality = ""
+    return Header(sop_class, modality)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``report.xlsx`` for review in Excel or LibreOffice: Summary, Lesions, Images, Errors and Run sheets.
+"""``report.xlsx`` for review in Excel or LibreOffice: Summary, Lesions, Images, Errors, Skipped and Run sheets.
 
 Written in openpyxl's streaming (write-only) mode so a large run does not hold a cell object per value.
 Every text cell is formula-neutralised and stored as a string cell (see ``safety``); probabilities are
@@ -23,7 +23,7 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
-from dermscore.aggregate import FLAG_MALIGNANT, FLAG_REVIEW, SEPARATOR, Thresholds
+from dermscore.aggregate import FLAG_MALIGNANT, FLAG_REVIEW, POOR_QUALITY, SEPARATOR, Thresholds
 from dermscore.bundle import Bundle
 from dermscore.report.files import atomic_path
 from dermscore.report.run_info import DISCLAIMER, RunInfo
@@ -164,7 +164,13 @@ def _flagged(rows: Sequence[Mapping[str, Any]], flag: str) -> int:
     return sum(1 for r in rows if flag in str(r.get("flags") or "").split(SEPARATOR))
 
 
-def _summary_sheet(wb: Workbook, bundle: Bundle, images: Table, lesions: Table, errors: Table, info: RunInfo) -> None:
+def _with_reason(rows: Sequence[Mapping[str, Any]], reason: str) -> int:
+    return sum(1 for r in rows if reason in str(r.get("review_reasons") or "").split(SEPARATOR))
+
+
+def _summary_sheet(
+    wb: Workbook, bundle: Bundle, images: Table, lesions: Table, errors: Table, skipped: Table, info: RunInfo
+) -> None:
     ws = _sheet(wb, "Summary")
     for letter, width in zip("ABCD", (34, 14, 14, 48)):
         ws.column_dimensions[letter].width = width
@@ -180,7 +186,9 @@ def _summary_sheet(wb: Workbook, bundle: Bundle, images: Table, lesions: Table, 
         ("Lesions flagged malignant", _flagged(lesions.rows, FLAG_MALIGNANT), None),
         ("Lesions flagged for review", _flagged(lesions.rows, FLAG_REVIEW), None),
         ("Images flagged (malignant or review)", sum(1 for r in images.rows if r.get("flags")), None),
+        ("Images of poor quality (review reason poor-quality)", _with_reason(images.rows, POOR_QUALITY), None),
         ("Inputs that failed (see Errors)", len(errors.rows), None),
+        ("DICOM objects not scored (see Skipped)", len(skipped.rows), None),
         ("Run time", info.seconds / 86400.0, DURATION),
         ("Started (UTC)", _iso(info.started), None),
         ("Bundle", f"{bundle.name} {bundle.version}", None),
@@ -242,21 +250,22 @@ def _run_sheet(wb: Workbook, bundle: Bundle, info: RunInfo) -> None:
 def write_workbook(
     path: Path,
     bundle: Bundle,
-    tables: tuple[Table, Table, Table],
+    tables: tuple[Table, Table, Table, Table],
     info: RunInfo,
     thumbnails: Mapping[str, bytes] | None = None,
 ) -> Path:
-    """Write ``tables`` = (lesions, images, errors) and the Summary and Run sheets, atomically.
+    """Write ``tables`` = (lesions, images, errors, skipped) and the Summary and Run sheets, atomically.
 
     ``thumbnails`` maps lesion id -> PNG bytes; given, the Lesions sheet gets a picture column.
     """
-    lesions, images, errors = tables
+    lesions, images, errors, skipped = tables
     wb = Workbook(write_only=True)
-    _summary_sheet(wb, bundle, images, lesions, errors, info)
+    _summary_sheet(wb, bundle, images, lesions, errors, skipped, info)
     pictures = [thumbnails.get(str(r["lesion_id"])) for r in lesions.rows] if thumbnails else []
     _table_sheet(wb, lesions, info.thresholds, pictures)
     _table_sheet(wb, images, info.thresholds)
     _table_sheet(wb, errors)
+    _table_sheet(wb, skipped)
     _run_sheet(wb, bundle, info)
     with atomic_path(Path(path)) as tmp:
         wb.save(tmp)

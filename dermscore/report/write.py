@@ -1,4 +1,4 @@
-"""Write every report of a run in one call: images.csv, lesions.csv, errors.csv and report.xlsx.
+"""Write every report of a run in one call: images.csv, lesions.csv, errors.csv, skipped.csv and report.xlsx.
 
 Lesion rows are derived here from the image rows, so whoever holds stored image rows and failures (the
 run, or the ledger regenerating an old run) gets identical reports from this one function. An output
@@ -14,7 +14,7 @@ from typing import Any
 
 from dermscore.aggregate import image_columns, lesion_columns, lesion_rows
 from dermscore.bundle import Bundle
-from dermscore.records import Failure
+from dermscore.records import Failure, Skipped
 from dermscore.report.csv import write_csv
 from dermscore.report.excel import Table, write_workbook
 from dermscore.report.run_info import RunInfo
@@ -22,13 +22,19 @@ from dermscore.report.run_info import RunInfo
 IMAGES_CSV = "images.csv"
 LESIONS_CSV = "lesions.csv"
 ERRORS_CSV = "errors.csv"
+SKIPPED_CSV = "skipped.csv"
 WORKBOOK = "report.xlsx"
-REPORT_FILES = (IMAGES_CSV, LESIONS_CSV, ERRORS_CSV, WORKBOOK)
+REPORT_FILES = (IMAGES_CSV, LESIONS_CSV, ERRORS_CSV, SKIPPED_CSV, WORKBOOK)
 ERROR_COLUMNS = ("source", "stage", "reason")
+SKIPPED_COLUMNS = ("source", "category", "reason")
 
 
 def error_row(failure: Failure) -> dict[str, str]:
     return {"source": failure.location, "stage": failure.stage, "reason": failure.reason}
+
+
+def skipped_row(skipped: Skipped) -> dict[str, str]:
+    return {"source": skipped.location, "category": skipped.category, "reason": skipped.reason}
 
 
 def report_folder(out: Path, run_info: RunInfo, overwrite: bool = False) -> Path:
@@ -52,24 +58,29 @@ def write_reports(
     run_info: RunInfo,
     overwrite: bool = False,
     thumbnails: Mapping[str, bytes] | None = None,
+    skipped: Sequence[Skipped] = (),
 ) -> Path:
     """Write all reports (see ``report_folder`` for where) and return the folder they are in.
 
-    ``thumbnails`` maps lesion id -> PNG bytes for the workbook's Lesions sheet.
+    ``thumbnails`` maps lesion id -> PNG bytes for the workbook's Lesions sheet; ``skipped`` lists the
+    objects discovery set aside (skipped.csv and the Skipped sheet).
     """
     folder = report_folder(out, run_info, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     lesions = lesion_rows(image_rows, bundle, run_info.thresholds)
     errors = [error_row(f) for f in failures]
+    set_aside = [skipped_row(s) for s in skipped]
     image_cols, lesion_cols = image_columns(bundle), lesion_columns(bundle)
     write_csv(folder / IMAGES_CSV, image_cols, image_rows)
     write_csv(folder / LESIONS_CSV, lesion_cols, lesions)
     write_csv(folder / ERRORS_CSV, ERROR_COLUMNS, errors)
+    write_csv(folder / SKIPPED_CSV, SKIPPED_COLUMNS, set_aside)
     percent = frozenset({*bundle.classes, "confidence", "malignant_probability"})
     tables = (
         Table("Lesions", lesion_cols, lesions, percent, frozenset({"image_divergence"})),
         Table("Images", image_cols, image_rows, percent, frozenset({"member_divergence"})),
         Table("Errors", ERROR_COLUMNS, errors),
+        Table("Skipped", SKIPPED_COLUMNS, set_aside),
     )
     write_workbook(folder / WORKBOOK, bundle, tables, run_info, thumbnails)
     return folder
