@@ -6,7 +6,8 @@ Degraded copies of the test split and the originals: Gaussian blur (sigma given 
 side and scaled with the image), darkened and brightened (every channel times a gain, clipped) and
 shrunk to 67x50 pixels. ``too-small`` is judged against the shipped bundle's members.
 
-    python benchmarks/quality_thresholds.py            # about 3 minutes on a 2-core Xeon
+    python benchmarks/quality_thresholds.py            # about 5 minutes on a 2-core Xeon
+    python benchmarks/quality_thresholds.py --timing   # only the cost per image
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from dermscore.bundle import load_bundle
+from dermscore.decode import decode_source
+from dermscore.discover import file_source
 from dermscore.gate.quality import BLURRED, OVER_EXPOSED, TOO_SMALL, UNDER_EXPOSED, measure, problems
 from dermscore.preprocess import prepare
 
@@ -77,12 +80,16 @@ def table(title: str, rows: dict[str, dict[str, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="bundle whose members decide too-small (default: shipped)")
+    parser.add_argument("--timing", action="store_true", help="only the cost per image, not the firing rates")
     args = parser.parse_args()
     bundle = load_bundle(args.model)
     members = list(bundle.members)
+    small = DATA / "ham10000-200x150" / "images"
+    if args.timing:
+        print(timing(small, members))
+        return
     with open(REPO / "models" / "ham10000-ensemble" / "split.csv", encoding="utf-8") as handle:
         split = {row["image_id"]: row["split"] for row in csv.DictReader(handle)}
-    small = DATA / "ham10000-200x150" / "images"
     test = load([small / f"{i}.jpg" for i, s in sorted(split.items()) if s == "test"])
     rest = load(sorted(p for p in small.glob("*.jpg") if split.get(p.stem) != "test"))
     originals = load(sorted((DATA / "ham10000-600x450-sample" / "images").glob("*.jpg")))
@@ -96,17 +103,33 @@ def main() -> None:
     print(table(f"Originals 600x450, {len(originals)} images",
                 {name: rates(originals, v, members) for name, v in VARIANTS.items()}))
 
-    for name, images in (("200x150", test[:200]), ("600x450", originals)):
-        start = time.perf_counter()
-        for rgb in images:
-            measure(rgb)
-        measured = (time.perf_counter() - start) / len(images)
-        start = time.perf_counter()
-        for rgb in images:
-            prepare(rgb, members)
-        prepared = (time.perf_counter() - start) / len(images)
-        print(f"\n{name}: measure {1000 * measured:.2f} ms per image; preprocessing for the bundle "
-              f"{1000 * prepared:.2f} ms per image")
+    print(timing(small, members))
+
+
+def timing(small: Path, members: list, rounds: int = 3) -> str:
+    """Per-image cost of ``measure`` against the rest of a decode thread's work (decode, preprocessing)."""
+    files = {"200x150": sorted(small.glob("*.jpg"))[:124],
+             "600x450": sorted((DATA / "ham10000-600x450-sample" / "images").glob("*.jpg"))}
+    lines = []
+    for name, paths in files.items():
+        sources = [file_source(p) for p in paths]
+        images = [frame.rgb for source in sources for frame in decode_source(source)]
+        steps = {"decode": lambda: [decode_source(s) for s in sources],
+                 "preprocess": lambda: [prepare(rgb, members) for rgb in images],
+                 "quality": lambda: [measure(rgb) for rgb in images]}
+        ms = {}
+        for step, work in steps.items():
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                work()
+                times.append(time.perf_counter() - start)
+            ms[step] = 1000 * float(np.median(times)) / len(paths)
+        share = 100 * ms["quality"] / sum(ms.values())
+        lines.append(f"{name}: decode {ms['decode']:.2f} ms, preprocess {ms['preprocess']:.2f} ms, quality "
+                     f"{ms['quality']:.2f} ms per image (median of {rounds} rounds): quality is {share:.0f}% of "
+                     "a decode thread's work")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def assert_same_records(ray_results: list[Scored | Failure], local_results: list
     ray_scored, ray_failed = split(ray_results)
     local_scored, local_failed = split(local_results)
     assert [s.ref for s in ray_scored] == [s.ref for s in local_scored]  # location, sha256, frame
+    # quality is measured in the decode step both engines share (compare=False keeps it out of ref equality)
+    assert [s.ref.quality for s in ray_scored] == [s.ref.quality for s in local_scored]
+    assert all(s.ref.quality for s in ray_scored)
     for ours, theirs in zip(ray_scored, local_scored):
         assert ours.member_probabilities.keys() == theirs.member_probabilities.keys()
         for member, probabilities in theirs.member_probabilities.items():

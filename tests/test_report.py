@@ -14,7 +14,7 @@ from openpyxl import load_workbook
 
 from dermscore.aggregate import image_row
 from dermscore.errors import UsageError
-from dermscore.records import Failure
+from dermscore.records import Failure, Skipped
 from dermscore.report.csv import write_csv
 from dermscore.report.pseudonymize import KEY_ENV, load_key, pseudonym, pseudonymize_row
 from dermscore.report.run_info import RunInfo
@@ -115,13 +115,16 @@ def test_hostile_dicom_attributes_and_names_arrive_as_text_in_csv_and_xlsx(tmp_p
         image_row(scored(HOSTILE[4], dist(nv=0.9), attributes=attributes, lesion_id=HOSTILE[6]), BUNDLE),
         image_row(scored("ctrl\x01name.jpg", dist(mel=0.9)), BUNDLE),
     ]
-    folder = write_reports(tmp_path, BUNDLE, rows, [Failure(HOSTILE[5], "decode", "bad")], run_info())
+    set_aside = [Skipped(HOSTILE[2], "Modality CT (computed tomography): not a skin photograph", "modality CT")]
+    folder = write_reports(tmp_path, BUNDLE, rows, [Failure(HOSTILE[5], "decode", "bad")], run_info(),
+                           skipped=set_aside)
+    assert pd.read_csv(folder / "skipped.csv", dtype=str).loc[0, "source"] == "'" + HOSTILE[2]
     images = pd.read_csv(folder / "images.csv", dtype=str, keep_default_na=False)
     assert images.loc[0, "patient_id"] == "'" + HOSTILE[0]
     assert images.loc[0, "source"] == "'" + HOSTILE[4]
     assert pd.read_csv(folder / "lesions.csv", dtype=str)["lesion_id"][0] == "'" + HOSTILE[6]
     wb = load_workbook(folder / "report.xlsx")
-    texts = [cell for sheet in ("Lesions", "Images", "Errors") for row in wb[sheet].iter_rows(min_row=2)
+    texts = [cell for sheet in ("Lesions", "Images", "Errors", "Skipped") for row in wb[sheet].iter_rows(min_row=2)
              for cell in row if isinstance(cell.value, str)]
     assert texts and all(cell.data_type == "s" for cell in texts)  # never "f" (formula)
     assert not [c.value for c in texts if c.value.startswith(FORMULA_PREFIXES)]
@@ -136,7 +139,8 @@ def test_hostile_dicom_attributes_and_names_arrive_as_text_in_csv_and_xlsx(tmp_p
 def test_a_run_where_everything_failed_still_gets_a_complete_workbook(tmp_path: Path) -> None:
     folder = write_reports(tmp_path, BUNDLE, [], [Failure("/d/x.jpg", "decode", "corrupt")], run_info())
     wb = load_workbook(folder / "report.xlsx")
-    assert wb.sheetnames == ["Summary", "Lesions", "Images", "Errors", "Run"]
+    assert wb.sheetnames == ["Summary", "Lesions", "Images", "Errors", "Skipped", "Run"]
+    assert wb["Skipped"].max_row == 1 and pd.read_csv(folder / "skipped.csv").empty
     assert wb["Images"].max_row == 1 and not list(wb["Images"].conditional_formatting)
     assert [c.value for c in wb["Errors"][2]] == ["/d/x.jpg", "decode", "corrupt"]
     assert pd.read_csv(folder / "lesions.csv").empty
