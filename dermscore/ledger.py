@@ -259,21 +259,19 @@ class Ledger:
             yield decode_scored(*row)
 
     def failures(self, bundle_identity: str, new_only: bool = False) -> list[Failure]:
-        query = (
-            "SELECT s.location, s.stage, s.reason FROM inputs s WHERE s.bundle = ? AND s.outcome = 'failed'"
-            + self._scope(new_only, "s")
-            + " ORDER BY s.location"
-        )
-        return [Failure(*row) for row in self.db.execute(query, (bundle_identity,))]
+        rows = self._listed("s.location, s.stage, s.reason", "inputs s", "s.outcome = 'failed'", bundle_identity, new_only)
+        return [Failure(*row) for row in rows]
 
     def skipped_objects(self, bundle_identity: str, new_only: bool = False) -> list[Skipped]:
         """What runs of this bundle set aside (skipped.csv), in location order."""
-        query = (
-            "SELECT s.location, s.reason, s.category FROM skipped_objects s WHERE s.bundle = ?"
-            + self._scope(new_only, "s")
-            + " ORDER BY s.location"
-        )
-        return [Skipped(*row) for row in self.db.execute(query, (bundle_identity,))]
+        rows = self._listed("s.location, s.reason, s.category", "skipped_objects s", "1", bundle_identity, new_only)
+        return [Skipped(*row) for row in rows]
+
+    def _listed(self, columns: str, table: str, condition: str, bundle_identity: str, new_only: bool) -> list[tuple]:
+        """Rows of one bundle (those of undelivered runs only, with ``new_only``) in location order."""
+        query = (f"SELECT {columns} FROM {table} WHERE s.bundle = ? AND {condition}" + self._scope(new_only, "s")
+                 + " ORDER BY s.location")
+        return self.db.execute(query, (bundle_identity,)).fetchall()
 
 
 class Recorder:
