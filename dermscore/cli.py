@@ -52,7 +52,7 @@ def run(
     pseudonym_key_file: Annotated[Optional[Path], typer.Option(help="File with the secret key for --pseudonymize (else $DERMSCORE_PSEUDONYM_KEY).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace reports already in --out (default: write a timestamped subfolder).")] = False,
     lesion_attribute: Annotated[str, typer.Option(help="DICOM keyword whose value names the lesion (default: one lesion per series).")] = "SeriesInstanceUID",
-    modality: Annotated[Optional[list[str]], typer.Option(help="DICOM modalities to score, replacing the default XC,DMS,OT,SC,VL; repeat or separate with commas, e.g. --modality XC,DMS,CT.")] = None,
+    modality: Annotated[Optional[list[str]], typer.Option(metavar="CODES", help="DICOM modalities to score, replacing the default XC,DMS,OT,SC,VL; repeat or separate with commas, e.g. --modality XC,DMS,CT.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML job file setting any of these options (README, 'Scheduled jobs'); options given here win.")] = None,
     ledger: Annotated[Optional[Path], typer.Option(help="Run ledger, SQLite (default: OUT/ledger.sqlite).")] = None,
     report: Annotated[str, typer.Option(help="Reports cover 'all' images the bundle scored so far, or only 'new' ones no finished run reported.")] = "all",
