@@ -41,6 +41,9 @@ IDENTITY_COLUMNS = (
     "patient_id", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
     "study_date", "modality", "body_site",
 )
+# Image rows also carry, under this key and outside the report columns, the rest of their DICOM header
+# (dermscore.decode.dicom.HEADER: SOP class, patient name, ...), for the DICOM SR writer.
+SOURCE_HEADER = "dicom_header"
 LESION_FROM_DICOM = "dicom"
 LESION_FROM_IMAGE = "image"
 MIXED = "(mixed)"
@@ -186,6 +189,7 @@ def image_row(
     row.update(_flags(row["malignant_probability"] >= thresholds.malignant, reasons))
     row["bundle_name"] = bundle.name
     row["bundle_version"] = bundle.version
+    row[SOURCE_HEADER] = {key: value for key, value in ref.attributes.items() if key not in IDENTITY_COLUMNS}
     return row
 
 

@@ -30,7 +30,7 @@ from dermscore.records import DEFAULT_LESION_ATTRIBUTE, Failure, Scored, Skipped
 from dermscore.runtime import Runtime, configure, default_batch_size
 from dermscore.report.pseudonymize import load_key, pseudonymize_row
 from dermscore.report.run_info import RunInfo, environment
-from dermscore.report.write import write_reports
+from dermscore.report.write import check_dicom_sr, write_reports
 
 REPORT_SCOPES = ("all", "new")
 
@@ -52,6 +52,7 @@ class RunOptions:
     thumbnails: bool = False
     pseudonymize: bool = False
     pseudonym_key_file: Path | None = None  # else $DERMSCORE_PSEUDONYM_KEY
+    dicom_sr: bool = False  # also write one DICOM SR per study scored from DICOM inputs (needs dermscore[dicom-sr])
     overwrite: bool = False  # replace reports already in `out` instead of writing a timestamped subfolder
     ledger: Path | None = None  # None: DIR/ledger.sqlite
     report: str = "all"  # all: everything this bundle scored so far; new: what no finished run reported
@@ -117,6 +118,8 @@ def run(options: RunOptions) -> RunSummary:
         check_lesion_attribute(options.lesion_attribute)
     gate = ModalityGate(parse_modalities(options.modality)) if options.modality else ModalityGate()
     key = load_key(options.pseudonym_key_file) if options.pseudonymize else None
+    if options.dicom_sr:
+        check_dicom_sr()
     lesion_maps = read_lesion_maps(options.lesion_map, options.metadata)
     options.out.mkdir(parents=True, exist_ok=True)
     ledger_path = options.ledger or default_ledger_path(options.out)
@@ -241,4 +244,5 @@ def _report(
                    **environment(summary.device, options.engine, summary.backend))
     failures = ledger.failures(bundle.identity, new_only)
     skipped = ledger.skipped_objects(bundle.identity, new_only)
-    summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails, skipped)
+    summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails, skipped,
+                                options.dicom_sr)

@@ -11,6 +11,7 @@ import pytest
 from conftest import SMALL_200
 from dermscore.aggregate import (
     IDENTITY_COLUMNS,
+    SOURCE_HEADER,
     Thresholds,
     disagree,
     ensemble,
@@ -79,7 +80,7 @@ def test_disagreement_when_top_classes_differ_or_divergence_reaches_threshold() 
 
 def test_image_row_columns_flags_and_member_top_classes() -> None:
     row = image_row(scored("x/a.jpg", dist(mel=0.6, nv=0.3), dist(nv=0.6, mel=0.3)), BUNDLE)
-    assert list(row) == image_columns(BUNDLE)
+    assert list(row) == [*image_columns(BUNDLE), SOURCE_HEADER]  # the columns, then the SR's header attributes
     assert row["top_class_a"] == "mel" and row["top_class_b"] == "nv"
     assert row["predicted_class"] == "nv"  # member b weighs 0.75
     assert row["flags"] == "malignant;review"

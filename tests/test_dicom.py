@@ -110,6 +110,9 @@ def test_multi_frame_gives_one_numbered_frame_per_image_with_identity(source_rgb
         assert frame.ref.attributes == {
             "patient_id": "P-7", "study_instance_uid": "1.2.3", "series_instance_uid": series,
             "sop_instance_uid": "1.2.3.4", "study_date": "20240229", "modality": "XC", "body_site": "ARM",
+            # the rest of the header the DICOM SR needs (absent ones empty)
+            "sop_class_uid": fx.MULTIFRAME_TRUE_COLOR_SC, "patient_name": "Test^Patient", "patient_birth_date": "",
+            "patient_sex": "", "study_time": "", "study_id": "", "accession_number": "", "referring_physician_name": "",
         }
 
 

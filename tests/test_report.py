@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from openpyxl import load_workbook
 
-from dermscore.aggregate import image_row
+from dermscore.aggregate import SOURCE_HEADER, image_row
 from dermscore.errors import UsageError
 from dermscore.records import Failure, Skipped
 from dermscore.report.csv import write_csv
-from dermscore.report.pseudonymize import KEY_ENV, load_key, pseudonym, pseudonymize_row
+from dermscore.report.pseudonymize import KEY_ENV, load_key, pseudonym, pseudonym_uid, pseudonymize_row
 from dermscore.report.run_info import RunInfo
 from dermscore.report.safety import FORMULA_PREFIXES, neutralise
 from dermscore.report.write import REPORT_FILES, report_folder, write_reports
@@ -144,3 +144,18 @@ def test_a_run_where_everything_failed_still_gets_a_complete_workbook(tmp_path: 
     assert wb["Images"].max_row == 1 and not list(wb["Images"].conditional_formatting)
     assert [c.value for c in wb["Errors"][2]] == ["/d/x.jpg", "decode", "corrupt"]
     assert pd.read_csv(folder / "lesions.csv").empty
+
+
+def test_pseudonymize_row_treats_the_sr_header_like_the_csv_and_its_uids_stay_traceable() -> None:
+    header = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.77.1.4", "patient_name": "Doe^Jane",
+              "patient_birth_date": "19700101", "patient_sex": "F", "study_time": "101500", "study_id": "S1",
+              "accession_number": "ACC-1", "referring_physician_name": "Who^Doctor"}
+    attributes = {"patient_id": "PAT-1", "study_instance_uid": "1.2", "sop_instance_uid": "1.2.3.4", **header}
+    row = image_row(scored("/d/a.dcm", dist(nv=0.9), attributes=attributes), BUNDLE)
+    out = pseudonymize_row(row, KEY)
+    assert out[SOURCE_HEADER] == {**{k: "" for k in header}, "sop_class_uid": header["sop_class_uid"],
+                                  "patient_name": out["patient_id"] + "^"}
+    assert row[SOURCE_HEADER] == header  # the input row is not changed
+    uid = pseudonym_uid(out["study_instance_uid"])  # the SR's form of the CSV pseudonym, and back
+    assert uid.startswith("2.25.") and len(uid) <= 64 and f"psn-{int(uid[5:]):020x}" == out["study_instance_uid"]
+    assert pseudonym_uid("1.2.3") == "1.2.3"  # a UID in clear (no --pseudonymize) is written as it is

@@ -47,6 +47,18 @@ IDENTITY = {
     "study_date": "StudyDate",
     "modality": "Modality",
 }
+# More of the header, kept for writers that answer in DICOM (the SR, dermscore.report.dicom_sr) but not
+# shown as report columns: an SR must carry its sources' patient and study identity and SOP classes.
+HEADER = {
+    "sop_class_uid": "SOPClassUID",
+    "patient_name": "PatientName",
+    "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex",
+    "study_time": "StudyTime",
+    "study_id": "StudyID",
+    "accession_number": "AccessionNumber",
+    "referring_physician_name": "ReferringPhysicianName",
+}
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")  # pydicom's decoders deliver these as RGB
 
@@ -150,8 +162,9 @@ def fileset_references(data: bytes) -> list[Reference]:
 
 
 def identity(ds: Dataset) -> dict[str, str]:
-    """The report's DICOM identity columns; body site prefers the coded Anatomic Region."""
-    attributes = {key: str(ds.get(keyword, "") or "") for key, keyword in IDENTITY.items()}
+    """The report's DICOM identity columns and the SR's header attributes; body site prefers the coded
+    Anatomic Region."""
+    attributes = {key: str(ds.get(keyword, "") or "") for key, keyword in {**IDENTITY, **HEADER}.items()}
     region = ds.get("AnatomicRegionSequence")
     coded = str(region[0].get("CodeMeaning", "")) if region else ""
     attributes["body_site"] = coded or str(ds.get("BodyPartExamined", "") or "")

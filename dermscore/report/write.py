@@ -1,4 +1,5 @@
-"""Write every report of a run in one call: images.csv, lesions.csv, errors.csv, skipped.csv and report.xlsx.
+"""Write every report of a run in one call: images.csv, lesions.csv, errors.csv, skipped.csv, isic.csv,
+report.xlsx and, when asked, DICOM Structured Reports (dicom-sr/).
 
 Lesion rows are derived here from the image rows, so whoever holds stored image rows and failures (the
 run, or the ledger regenerating an old run) gets identical reports from this one function. An output
@@ -8,15 +9,18 @@ a new ``<out>/<YYYYmmdd-HHMMSS>/`` subfolder named after the run's start time.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dermscore.aggregate import image_columns, lesion_columns, lesion_rows
 from dermscore.bundle import Bundle
+from dermscore.errors import UsageError
 from dermscore.records import Failure, Skipped
 from dermscore.report.csv import write_csv
 from dermscore.report.excel import Table, write_workbook
+from dermscore.report.isic import ISIC_CSV, write_isic_csv
 from dermscore.report.run_info import RunInfo
 
 IMAGES_CSV = "images.csv"
@@ -24,9 +28,16 @@ LESIONS_CSV = "lesions.csv"
 ERRORS_CSV = "errors.csv"
 SKIPPED_CSV = "skipped.csv"
 WORKBOOK = "report.xlsx"
-REPORT_FILES = (IMAGES_CSV, LESIONS_CSV, ERRORS_CSV, SKIPPED_CSV, WORKBOOK)
+DICOM_SR_FOLDER = "dicom-sr"
+REPORT_FILES = (IMAGES_CSV, LESIONS_CSV, ERRORS_CSV, SKIPPED_CSV, ISIC_CSV, WORKBOOK, DICOM_SR_FOLDER)
 ERROR_COLUMNS = ("source", "stage", "reason")
 SKIPPED_COLUMNS = ("source", "category", "reason")
+
+
+def check_dicom_sr() -> None:
+    """Refuse ``--dicom-sr`` before any scoring when its extra is not installed, not after the run."""
+    if importlib.util.find_spec("highdicom") is None:
+        raise UsageError("--dicom-sr needs highdicom: install it with `pip install 'dermscore[dicom-sr]'`.")
 
 
 def error_row(failure: Failure) -> dict[str, str]:
@@ -59,11 +70,13 @@ def write_reports(
     overwrite: bool = False,
     thumbnails: Mapping[str, bytes] | None = None,
     skipped: Sequence[Skipped] = (),
+    dicom_sr: bool = False,
 ) -> Path:
     """Write all reports (see ``report_folder`` for where) and return the folder they are in.
 
     ``thumbnails`` maps lesion id -> PNG bytes for the workbook's Lesions sheet; ``skipped`` lists the
-    objects discovery set aside (skipped.csv and the Skipped sheet).
+    objects discovery set aside (skipped.csv and the Skipped sheet); ``dicom_sr`` adds one DICOM SR per
+    study scored from DICOM inputs (dermscore.report.dicom_sr).
     """
     folder = report_folder(out, run_info, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,6 +88,7 @@ def write_reports(
     write_csv(folder / LESIONS_CSV, lesion_cols, lesions)
     write_csv(folder / ERRORS_CSV, ERROR_COLUMNS, errors)
     write_csv(folder / SKIPPED_CSV, SKIPPED_COLUMNS, set_aside)
+    write_isic_csv(folder, bundle, image_rows)
     percent = frozenset({*bundle.classes, "confidence", "malignant_probability"})
     tables = (
         Table("Lesions", lesion_cols, lesions, percent, frozenset({"image_divergence"})),
@@ -83,4 +97,8 @@ def write_reports(
         Table("Skipped", SKIPPED_COLUMNS, set_aside),
     )
     write_workbook(folder / WORKBOOK, bundle, tables, run_info, thumbnails)
+    if dicom_sr:
+        from dermscore.report.dicom_sr import write_dicom_srs  # highdicom only for runs that ask for SRs
+
+        write_dicom_srs(folder / DICOM_SR_FOLDER, bundle, image_rows, lesions, run_info)
     return folder
