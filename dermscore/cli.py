@@ -214,6 +214,29 @@ def bench(
 
 
 @app.command()
+def export(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder or name in models/.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the exported files (created).")],
+    export_format: Annotated[str, typer.Option("--format", help="litert: one .tflite file per member plus litert.json (classes, input sizes, preprocessing, ensemble weights).")] = "litert",
+    float16: Annotated[bool, typer.Option("--float16", help="Also write each member with float16 weights (half the size; its gap to Keras is measured and recorded).")] = False,
+) -> None:
+    """Export a bundle for other runtimes: LiteRT (.tflite) members for phone apps, each checked against Keras.
+
+    Example: dermscore export ham10000-ensemble --format litert app-model/ --float16
+    """
+    from dermscore.bundle import load_bundle
+    from dermscore.export.litert import FORMATS, export_litert
+
+    try:
+        if export_format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {export_format!r}.")
+        manifest = export_litert(load_bundle(bundle), out, float16=float16)
+    except DermscoreError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {', '.join(sorted(p.name for p in out.glob('*.tflite')))} and {manifest.name} to {out}")
+
+
+@app.command()
 def version() -> None:
     """Print the dermscore version.
 

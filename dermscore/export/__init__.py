@@ -1,0 +1,1 @@
+"""Turn a bundle into formats other runtimes load (LiteRT for phone apps); scoring never imports this."""
