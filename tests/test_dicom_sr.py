@@ -226,3 +226,12 @@ def test_raster_inputs_get_no_sr(small_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run(folder, out, small_bundle)
     assert (out / "images.csv").exists() and not (out / "dicom-sr").exists()
+
+
+def test_job_file_asks_for_srs(tmp_path: Path) -> None:
+    from dermscore.config import load_job
+    from dermscore.run import RunOptions
+
+    job = tmp_path / "job.toml"
+    job.write_text("dicom-sr = true\n", encoding="utf-8")
+    assert load_job(job, RunOptions) == {"dicom_sr": True}
