@@ -235,3 +235,30 @@ def test_job_file_asks_for_srs(tmp_path: Path) -> None:
     job = tmp_path / "job.toml"
     job.write_text("dicom-sr = true\n", encoding="utf-8")
     assert load_job(job, RunOptions) == {"dicom_sr": True}
+
+
+def test_rows_an_sr_cannot_reference_are_left_out_with_a_warning_naming_them(tmp_path: Path) -> None:
+    from dermscore.aggregate import SOURCE_HEADER, image_row, lesion_rows
+    from dermscore.report.dicom_sr import write_dicom_srs
+    from test_aggregate import BUNDLE, dist, scored
+    from test_report import run_info
+
+    def dicom(location: str, **attributes: str) -> dict:
+        identity = {"patient_id": "P1", "study_instance_uid": "1.2.3", "series_instance_uid": "1.2.3.4",
+                    "sop_instance_uid": f"1.2.3.4.{len(location)}", "study_date": "20260101",
+                    "sop_class_uid": str(fx.DERMOSCOPIC), **attributes}
+        return image_row(scored(location, dist(nv=0.9), attributes=identity, lesion_id="1.2.3.4"), BUNDLE)
+
+    rows = [dicom("/in/good"), dicom("/in/old", sop_class_uid=""), dicom("/in/hostile", series_instance_uid="=1.2")]
+    rows.append(image_row(scored("/in/photo.jpg", dist(nv=0.9)), BUNDLE))  # raster: no SR, no warning
+    with pytest.warns(UserWarning) as caught:
+        written = write_dicom_srs(tmp_path, BUNDLE, rows, lesion_rows(rows, BUNDLE), run_info())
+    messages = [str(w.message) for w in caught]
+    assert any("/in/old" in m and "--rescore" in m for m in messages)
+    assert any("/in/hostile" in m and "not a valid DICOM UID" in m for m in messages)
+    assert not any("photo.jpg" in m for m in messages)
+    assert [p.name for p in written] == ["1.2.3.dcm"]
+    sr = pydicom.dcmread(written[0])
+    referenced = [s.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                  for series in study.ReferencedSeriesSequence for s in series.ReferencedSOPSequence]
+    assert referenced == [rows[0]["sop_instance_uid"]] and rows[0][SOURCE_HEADER]["sop_class_uid"]

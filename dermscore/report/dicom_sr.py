@@ -14,6 +14,7 @@ no SR. With ``--pseudonymize`` the rows arrive pseudonymised and the SR carries 
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -47,7 +48,9 @@ REVIEW_REASON = CodedConcept("review-reason", SCHEME, "Review reason")
 RESULT_STATUS = CodedConcept("status", SCHEME, "Result status")
 NOT_A_DIAGNOSIS = CodedConcept("not-a-diagnosis", SCHEME, DISCLAIMER)
 SERIES_DESCRIPTION = "dermscore results: not a diagnosis"
-SR_SERIES_NUMBER = 9901  # a high number keeps the SR series after the image series in archive listings
+SR_SERIES_NUMBER = 9901
+UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # PS3.5 9.1
+MAX_UID_LENGTH = 64  # a high number keeps the SR series after the image series in archive listings
 
 
 def probability_code(class_code: str) -> CodedConcept:
@@ -193,17 +196,28 @@ def _identify_scheme(sr: Dataset) -> None:
     sr.CodingSchemeIdentificationSequence = [item]
 
 
+def _unusable(row: Mapping[str, Any]) -> str | None:
+    """Why a DICOM image row cannot be referenced from an SR, or None when it can."""
+    if not (row.get(SOURCE_HEADER) or {}).get("sop_class_uid"):
+        return ("it was scored by an older dermscore that did not keep its SOP Class UID; run again with "
+                "--rescore to include it")
+    for column in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
+        uid = pseudonym_uid(str(row.get(column) or ""))
+        if not (len(uid) <= MAX_UID_LENGTH and UID_PATTERN.fullmatch(uid)):
+            return f"its {column} {row.get(column)!r} is not a valid DICOM UID; ask the sender for a conformant export"
+    return None
+
+
 def study_groups(image_rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """DICOM image rows by study, in report order; rows without a SOP class (scored before dermscore kept
-    it) are left out with a warning that says how to include them."""
+    """DICOM image rows by study, in report order; a row that cannot be referenced (see ``_unusable``) is
+    left out with a warning that names the file and what to do."""
     studies: dict[str, list[Mapping[str, Any]]] = {}
     for row in image_rows:
         if not _is_dicom(row):
             continue
-        if not (row.get(SOURCE_HEADER) or {}).get("sop_class_uid"):
-            warnings.warn(
-                f"no DICOM SR reference for {row['source']}: it was scored by an older dermscore that did not keep "
-                "its SOP Class UID; run again with --rescore to include it.", UserWarning, stacklevel=2)
+        reason = _unusable(row)
+        if reason:
+            warnings.warn(f"no DICOM SR reference for {row['source']}: {reason}.", UserWarning, stacklevel=2)
             continue
         studies.setdefault(str(row["study_instance_uid"]), []).append(row)
     return studies
