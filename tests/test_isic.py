@@ -13,7 +13,6 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score
 from typer.testing import CliRunner
 
-import dicom_fixtures as fx
 from dermscore.aggregate import image_row
 from dermscore.cli import app
 from dermscore.report.isic import ISIC_CLASSES, ISIC_COLUMNS, stem

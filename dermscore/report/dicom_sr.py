@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +47,17 @@ REVIEW_REASON = CodedConcept("review-reason", SCHEME, "Review reason")
 RESULT_STATUS = CodedConcept("status", SCHEME, "Result status")
 NOT_A_DIAGNOSIS = CodedConcept("not-a-diagnosis", SCHEME, DISCLAIMER)
 SERIES_DESCRIPTION = "dermscore results: not a diagnosis"
-SR_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9901  # a high number keeps the SR series after the image series in archive listings
 UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # PS3.5 9.1
-MAX_UID_LENGTH = 64  # a high number keeps the SR series after the image series in archive listings
+MAX_UID_LENGTH = 64
 
 
-def probability_code(class_code: str) -> CodedConcept:
-    return CodedConcept(f"P-{class_code}", SCHEME, f"Probability of {class_code}")
+def probability_code(code: str) -> CodedConcept:
+    return CodedConcept(f"P-{code}", SCHEME, f"Probability of {code}")
 
 
-def class_code(class_code: str) -> CodedConcept:
-    return CodedConcept(class_code, SCHEME, CLASS_NAMES.get(class_code, class_code))
+def class_code(code: str) -> CodedConcept:
+    return CodedConcept(code, SCHEME, CLASS_NAMES.get(code, code))
 
 
 def result_code(value: str) -> CodedConcept:
@@ -166,9 +165,11 @@ def build_sr(bundle: Bundle, study_rows: Sequence[Mapping[str, Any]], lesions: S
         imaging_measurements=[lesion_group(lesion, lesion_images[str(lesion["lesion_id"])], bundle)
                               for lesion in lesions],
     )
-    referenced = {str(r["sop_instance_uid"]): r for lesion in lesions for r in lesion_images[str(lesion["lesion_id"])]}
-    evidence = [_evidence(study_rows[0])] + [_evidence(r) for uid, r in referenced.items()
-                                              if uid != str(study_rows[0]["sop_instance_uid"])]
+    referenced = {str(study_rows[0]["sop_instance_uid"]): study_rows[0]}  # first: highdicom copies its identity
+    for lesion in lesions:
+        for row in lesion_images[str(lesion["lesion_id"])]:
+            referenced.setdefault(str(row["sop_instance_uid"]), row)
+    evidence = [_evidence(row) for row in referenced.values()]
     equipment = hd.ContributingEquipment(
         manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=f"{bundle.name} {bundle.version}"[:64], software_versions=[__version__],
