@@ -144,19 +144,22 @@ def _table(ctx: typer.Context, base: T, fields: dict[str, str]) -> T:
 def models(
     name: Annotated[Optional[str], typer.Argument(help="Bundle folder or name to show and verify.")] = None,
 ) -> None:
-    """List installed bundles, or show one and verify its weight hashes.
+    """List installed bundles and where each comes from, or show one and verify its weight hashes.
 
     Example: dermscore models ham10000-ensemble
     """
-    from dermscore.bundle import list_bundles, load_bundle, models_dir
+    from dermscore.bundle import bundle_sources, installed_bundles, load_bundle
 
     try:
         if name is None:
-            bundles = list_bundles()
+            bundles = installed_bundles()
             if not bundles:
-                typer.echo(f"no bundles in {models_dir()}")
-            for bundle in bundles:
-                typer.echo(f"{bundle.name}\t{bundle.version}\t{bundle.path}")
+                typer.echo("no bundles in " + ", ".join(f"{s.folder} ({s.origin})" for s in bundle_sources()))
+            seen: set[str] = set()
+            for bundle, source in bundles:
+                shadowed = " (shadowed by the one above of the same name)" if bundle.name in seen else ""
+                seen.add(bundle.name)
+                typer.echo(f"{bundle.name}\t{bundle.version}\t{bundle.path}\t{source.origin}{shadowed}")
             return
         bundle = load_bundle(name)
     except DermscoreError as exc:
