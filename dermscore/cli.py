@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
@@ -60,6 +59,7 @@ def run(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only retry inputs that failed before; score nothing new.")] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for another run holding the ledger before giving up (exit 5).")] = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary; only failures go to stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's, absl's and CUDA's start-up and log lines (hidden by default).")] = False,
     log_json: Annotated[Optional[Path], typer.Option(help="Append JSON-lines events (run start/end, batch commits, failures) here.")] = None,
     engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; needs dermscore[ray], see README).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else Ray on this machine).")] = None,
@@ -73,6 +73,7 @@ def run(
     """
     from dataclasses import replace
 
+    from dermscore import native_logs
     from dermscore.aggregate import Thresholds
     from dermscore.config import load_job
     from dermscore.engines import RayOptions
@@ -83,6 +84,7 @@ def run(
                          "disagreement": "disagreement_threshold"}
     ray_options = {"address": "ray_address", "replicas": "replicas", "gpus_per_replica": "gpus_per_replica",
                    "cpus_per_replica": "cpus_per_replica"}
+    native_logs.apply(verbose)
     try:
         job = load_job(config, RunOptions) if config else {}
         options = RunOptions(
@@ -221,7 +223,6 @@ def version() -> None:
 
 
 def main() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ chatter out of reports' logs
     app()
 
 
