@@ -45,6 +45,7 @@ def storage_errno(exc: sqlite3.Error) -> int | None:
 
 
 def output_error(target: str, code: int | None, strerror: str | None, alternative: str = "") -> OutputError:
+    """One line: what could not be written, why, what to do, and that a rerun loses and doubles nothing."""
     problem, remedy = cause(code, strerror)
     return OutputError(f"cannot write {target}: {problem}. {remedy.capitalize()}{alternative}, {RERUN}.")
 
