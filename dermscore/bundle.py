@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ PREPROCESSING_MODES = ("inception", "densenet")
 RESIZE_METHODS = ("bilinear", "bicubic", "lanczos", "nearest")
 DEFAULT_BUNDLE = "ham10000-ensemble"
 MODELS_ENV = "DERMSCORE_MODELS"
+ENTRY_POINT_GROUP = "dermscore.bundles"
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,60 @@ def sha256_file(path: Path) -> str:
 
 
 def models_dir() -> Path:
-    """Where shipped bundles live: ``$DERMSCORE_MODELS``, else the project's top-level ``models/``."""
+    """Where this installation's own bundles live: ``$DERMSCORE_MODELS``, else the package's models folder.
+
+    Training's export writes here by default.
+    """
+    env = os.environ.get(MODELS_ENV)
+    return Path(env) if env else packaged_models_dir()
+
+
+def packaged_models_dir() -> Path:
+    """The bundles that travel with dermscore: ``dermscore/models`` in a wheel (setuptools maps the
+    repository's top-level ``models/`` there), else the checkout's ``models/`` (editable install or a
+    source tree), which stays where training writes it."""
+    package = Path(__file__).resolve().parent
+    installed = package / "models"
+    return installed if installed.is_dir() else package.parent / "models"
+
+
+@dataclass(frozen=True)
+class BundleSource:
+    """A folder of bundle folders and how it was found (shown by ``dermscore models``)."""
+
+    folder: Path
+    origin: str
+
+
+def bundle_sources() -> Iterator[BundleSource]:
+    """Where bundles are looked for, in order; the first bundle of a name wins.
+
+    ``$DERMSCORE_MODELS``, when set, is the only place: a site pins exactly the bundles it validated.
+    Otherwise the package's own bundles, then those other distributions register under the
+    ``dermscore.bundles`` entry point (each names a package whose folder holds bundle folders). Entry
+    points are imported lazily, so a broken one matters only when a bundle is not found before it.
+    """
     env = os.environ.get(MODELS_ENV)
     if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "models"
+        yield BundleSource(Path(env), MODELS_ENV)
+        return
+    yield BundleSource(packaged_models_dir(), "package")
+    from importlib.metadata import entry_points
+    from importlib.resources import files
+
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        distribution = point.dist.name if point.dist else "unknown distribution"
+        try:
+            folder = files(point.module)
+        except (ImportError, TypeError) as exc:
+            raise BundleError(
+                f"entry point {point.name} = {point.value!r} of {distribution} in group {ENTRY_POINT_GROUP} "
+                f"cannot be imported ({exc}); reinstall or uninstall {distribution}."
+            ) from exc
+        if not isinstance(folder, Path):
+            raise BundleError(f"entry point {point.name} of {distribution}: {folder} is not a plain folder "
+                              "(a zipped or namespace package); make it a regular package installed as files.")
+        yield BundleSource(folder, f"entry point {point.name} ({distribution})")
 
 
 def _require(manifest: dict[str, Any], key: str, where: Path) -> Any:
@@ -169,23 +220,22 @@ def verify_bundle(bundle: Bundle) -> None:
 
 
 def resolve_bundle(spec: str | Path | None) -> Path:
-    """Turn ``--model`` (a folder, or a bundle name under models/) into a folder; None means the default."""
+    """Turn ``--model`` (a folder, or an installed bundle's name) into a folder; None means the default."""
+    if spec is not None and Path(spec).exists():
+        return Path(spec)
+    name = DEFAULT_BUNDLE if spec is None else str(spec)
+    searched = []
+    for source in bundle_sources():
+        if (source.folder / name / MANIFEST).is_file():
+            return source.folder / name
+        searched.append(f"{source.folder} ({source.origin})")
     if spec is None:
-        folder = models_dir() / DEFAULT_BUNDLE
-        if not (folder / MANIFEST).is_file():
-            raise BundleError(
-                f"No default model bundle is installed (looked for {folder / MANIFEST}). "
-                "Pass --model PATH to a bundle folder, set DERMSCORE_MODELS to a folder of bundles, "
-                "or train one with `python -m training all` (see README, 'Training')."
-            )
-        return folder
-    folder = Path(spec)
-    if folder.exists():
-        return folder
-    named = models_dir() / str(spec)
-    if (named / MANIFEST).is_file():
-        return named
-    raise BundleError(f"Model bundle {spec!r} not found as a folder or as a bundle name under {models_dir()}.")
+        raise BundleError(
+            f"No default model bundle is installed (looked for {name}/{MANIFEST} in {', '.join(searched)}). "
+            "Pass --model PATH to a bundle folder, set DERMSCORE_MODELS to a folder of bundles, "
+            "or train one with `python -m training all` (see README, 'Training')."
+        )
+    raise BundleError(f"Model bundle {spec!r} not found as a folder or as a bundle name in {', '.join(searched)}.")
 
 
 def load_bundle(spec: str | Path | None = None) -> Bundle:
@@ -196,10 +246,17 @@ def load_bundle(spec: str | Path | None = None) -> Bundle:
 
 
 def list_bundles(root: Path | None = None) -> list[Bundle]:
+    """The bundles in one folder of bundle folders (default: ``models_dir()``)."""
     root = root or models_dir()
     if not root.is_dir():
         return []
     return [read_bundle(p.parent) for p in sorted(root.glob(f"*/{MANIFEST}"))]
+
+
+def installed_bundles() -> list[tuple[Bundle, BundleSource]]:
+    """Every bundle in every place ``bundle_sources`` names, in search order (a later one of the same
+    name is shadowed: ``--model NAME`` takes the first)."""
+    return [(bundle, source) for source in bundle_sources() for bundle in list_bundles(source.folder)]
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Bundle:

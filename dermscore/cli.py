@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
@@ -62,6 +61,7 @@ def run(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only retry inputs that failed before; score nothing new.")] = False,
     wait: Annotated[float, typer.Option(help="Seconds to wait for another run holding the ledger before giving up (exit 5).")] = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary; only failures go to stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's, absl's and CUDA's start-up and log lines (hidden by default).")] = False,
     log_json: Annotated[Optional[Path], typer.Option(help="Append JSON-lines events (run start/end, batch commits, failures) here.")] = None,
     engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; needs dermscore[ray], see README).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else Ray on this machine).")] = None,
@@ -75,6 +75,7 @@ def run(
     """
     from dataclasses import replace
 
+    from dermscore import native_logs
     from dermscore.aggregate import Thresholds
     from dermscore.config import load_job
     from dermscore.engines import RayOptions
@@ -86,6 +87,7 @@ def run(
                          "disagreement": "disagreement_threshold"}
     ray_options = {"address": "ray_address", "replicas": "replicas", "gpus_per_replica": "gpus_per_replica",
                    "cpus_per_replica": "cpus_per_replica"}
+    native_logs.apply(verbose)
     try:
         job = load_job(config, RunOptions) if config else {}
         options = RunOptions(
@@ -149,19 +151,22 @@ def _table(ctx: typer.Context, base: T, fields: dict[str, str]) -> T:
 def models(
     name: Annotated[Optional[str], typer.Argument(help="Bundle folder or name to show and verify.")] = None,
 ) -> None:
-    """List installed bundles, or show one and verify its weight hashes.
+    """List installed bundles and where each comes from, or show one and verify its weight hashes.
 
     Example: dermscore models ham10000-ensemble
     """
-    from dermscore.bundle import list_bundles, load_bundle, models_dir
+    from dermscore.bundle import bundle_sources, installed_bundles, load_bundle
 
     try:
         if name is None:
-            bundles = list_bundles()
+            bundles = installed_bundles()
             if not bundles:
-                typer.echo(f"no bundles in {models_dir()}")
-            for bundle in bundles:
-                typer.echo(f"{bundle.name}\t{bundle.version}\t{bundle.path}")
+                typer.echo("no bundles in " + ", ".join(f"{s.folder} ({s.origin})" for s in bundle_sources()))
+            seen: set[str] = set()
+            for bundle, source in bundles:
+                shadowed = " (shadowed by the one above of the same name)" if bundle.name in seen else ""
+                seen.add(bundle.name)
+                typer.echo(f"{bundle.name}\t{bundle.version}\t{bundle.path}\t{source.origin}{shadowed}")
             return
         bundle = load_bundle(name)
     except DermscoreError as exc:
@@ -224,9 +229,11 @@ def export(
 
     Example: dermscore export ham10000-ensemble --format litert app-model/ --float16
     """
+    from dermscore import native_logs
     from dermscore.bundle import load_bundle
     from dermscore.export.litert import FORMATS, export_litert
 
+    native_logs.apply(verbose=False)  # the converter's TensorFlow start-up lines, as in `run`
     try:
         if export_format not in FORMATS:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {export_format!r}.")
@@ -246,7 +253,6 @@ def version() -> None:
 
 
 def main() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ chatter out of reports' logs
     app()
 
 

@@ -30,6 +30,13 @@ class LedgerBusyError(DermscoreError):
     exit_code = 5
 
 
+class OutputError(DermscoreError):
+    """The reports, the ledger or the event log cannot be written: a full disk, a read-only or vanished
+    folder. Nothing committed is lost; the message names the path and what to do (dermscore.storage)."""
+
+    exit_code = 7
+
+
 class InputError(DermscoreError):
     """One input cannot be scored; the run records it in errors.csv and goes on.
 

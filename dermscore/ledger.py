@@ -43,7 +43,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,9 +51,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from dermscore.errors import LedgerBusyError, UsageError
+from dermscore.errors import LedgerBusyError, OutputError, UsageError
 from dermscore.infer import bounded_map
 from dermscore.records import Failure, ImageRef, Scored, Skipped, Source
+from dermscore.storage import file_writes, ledger_writes, same_file, storage_errno
 
 LEDGER_NAME = "ledger.sqlite"
 SCHEMA_VERSION = 2
@@ -162,6 +163,8 @@ class Ledger:
     def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
         self.path = path
         self.db = connection
+        stat = os.stat(path)
+        self.identity = (stat.st_dev, stat.st_ino)  # to notice the file being deleted or unmounted
         self.hashes: dict[str, str | None] = {}  # location -> sha256 seen by this run's plan
         self.skipped = 0
 
@@ -178,8 +181,19 @@ class Ledger:
         return run_id
 
     def end_run(self, run_id: str, status: str) -> None:
+        self.ensure_present()
         with self.db:
             self.db.execute("UPDATE runs SET status = ?, ended_at = ? WHERE run_id = ?", (status, utc_now(), run_id))
+
+    def ensure_present(self) -> None:
+        """Refuse to write on when the ledger file was deleted or its folder unmounted: SQLite would go
+        on writing to a file no later run sees, and the next run would start from nothing unawares."""
+        if not same_file(self.path, self.identity):
+            raise OutputError(
+                f"the ledger {self.path} was deleted or its folder unmounted during the run, so what this run "
+                "committed went with it. Restore or mount the folder (or choose another --out or --ledger), "
+                "then run the same command again: inputs not in the ledger are scored again, none twice."
+            )
 
     # --- what to score --------------------------------------------------------------------------
     def plan(
@@ -231,6 +245,7 @@ class Ledger:
     def record_skipped(self, run_id: str, bundle_identity: str, skipped: Iterable[Skipped]) -> None:
         """Store this run's set-aside objects in one transaction, replacing what the ledger held for them
         (a result scored by an earlier run under another allow-list is dropped, as the new rule says)."""
+        self.ensure_present()
         now = utc_now()
         with self.db:
             for item in skipped:
@@ -307,6 +322,7 @@ class Recorder:
         db = self.ledger.db
         now = utc_now()
         images = failed = 0
+        self.ledger.ensure_present()
         with db:
             for result in self.results:
                 if isinstance(result, Failure):
@@ -422,6 +438,8 @@ def connect(path: Path) -> sqlite3.Connection:
         db.executescript(SCHEMA)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except sqlite3.DatabaseError as exc:
+        if storage_errno(exc) is not None:
+            raise  # the disk, not the database: open_ledger names it as an output problem
         raise UsageError(
             f"the ledger {path} cannot be used as a SQLite database ({exc}); move it away to start a new "
             "ledger, or pass --ledger PATH."
@@ -433,13 +451,14 @@ def connect(path: Path) -> sqlite3.Connection:
 def open_ledger(path: Path, wait: float = 0.0) -> Iterator[Ledger]:
     """Lock, open and yield the ledger at ``path`` (its folder is created if missing)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with ledger_lock(path, wait):
-        db = connect(path)
-        try:
-            yield Ledger(path, db)
-        finally:
-            db.close()
+    with ledger_writes(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with ledger_lock(path, wait):
+            db = connect(path)
+            try:
+                yield Ledger(path, db)
+            finally:
+                db.close()
 
 
 # --- unattended runs ------------------------------------------------------------------------------
@@ -450,19 +469,23 @@ class EventLog:
 
     def __init__(self, path: Path | None) -> None:
         self.handle: IO[str] | None = None
+        self.path = path
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(path, "a", encoding="utf-8")
+            with file_writes(f"the event log {path}"):
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self.handle = open(path, "a", encoding="utf-8")
 
     def event(self, name: str, **fields: Any) -> None:
         if self.handle is None:
             return
-        self.handle.write(json.dumps({"time": utc_now(), "event": name, **fields}, default=str) + "\n")
-        self.handle.flush()
+        with file_writes(f"the event log {self.path}"):
+            self.handle.write(json.dumps({"time": utc_now(), "event": name, **fields}, default=str) + "\n")
+            self.handle.flush()
 
     def close(self) -> None:
         if self.handle is not None:
-            self.handle.close()
+            with suppress(OSError):  # every event was flushed; only one whose write already failed is left
+                self.handle.close()
 
     def __enter__(self) -> EventLog:
         return self
@@ -508,7 +531,8 @@ _stop = threading.Event()  # the running job's stop request, so a paused run sti
 def pause_point(name: str) -> None:
     """Test hook for crash tests: ``DERMSCORE_TEST_PAUSE_AT=name[:n]`` makes the n-th arrival here sleep.
 
-    Points: ``discovery`` (each input planned), ``result`` (each result received, before its batch
+    Points: ``discovery`` (each input planned), ``models`` (before the members load; after SIGTERM the
+    run goes on to load them), ``result`` (each result received, before its batch
     is committed), ``commit`` (inside a batch's transaction, before COMMIT), ``reports`` (scoring
     committed, reports not yet written). The process prints ``dermscore: paused at NAME`` to stderr
     and sleeps until killed (a test SIGKILLs a real run at a known point) or until SIGINT/SIGTERM asks

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ from dermscore.aggregate import Thresholds, image_row
 from dermscore.bundle import Bundle, load_bundle
 from dermscore.discover import discover
 from dermscore.engines import ENGINES, RayOptions
-from dermscore.errors import UsageError
+from dermscore.errors import OutputError, UsageError
 from dermscore.gate.modality import ModalityGate, parse_modalities
 from dermscore.infer import Predictor, score
 from dermscore.ledger import (SELECTIONS, EventLog, Ledger, default_ledger_path, open_ledger, pause_point,
@@ -31,6 +32,7 @@ from dermscore.runtime import Runtime, configure, default_batch_size
 from dermscore.report.pseudonymize import load_key, pseudonymize_row
 from dermscore.report.run_info import RunInfo, environment
 from dermscore.report.write import check_dicom_sr, write_reports
+from dermscore.storage import file_writes, member_reads
 
 REPORT_SCOPES = ("all", "new")
 
@@ -121,7 +123,8 @@ def run(options: RunOptions) -> RunSummary:
     if options.dicom_sr:
         check_dicom_sr()
     lesion_maps = read_lesion_maps(options.lesion_map, options.metadata)
-    options.out.mkdir(parents=True, exist_ok=True)
+    with file_writes(f"the output folder {options.out}"):
+        options.out.mkdir(parents=True, exist_ok=True)
     ledger_path = options.ledger or default_ledger_path(options.out)
     with EventLog(options.log_json) as log:
         try:
@@ -143,7 +146,8 @@ def run(options: RunOptions) -> RunSummary:
                     _report(ledger, bundle, options, summary, started, lesion_maps, key)
                     ledger.end_run(summary.run_id, "done")
         except Exception as exc:
-            log.event("run_end", status="error", error=f"{type(exc).__name__}: {exc}")
+            with suppress(OutputError):  # the log may sit on the same full disk; the first error is the news
+                log.event("run_end", status="error", error=f"{type(exc).__name__}: {exc}")
             raise
         log.event("run_end", run_id=summary.run_id, status="interrupted" if summary.interrupted else "done",
                   scored=summary.scored, failed=len(summary.failures), skipped=summary.skipped,
@@ -184,7 +188,9 @@ def _score_into_ledger(
         results = score_on_ray(sources, bundle, batch_size, runtime, options.ray, options.thumbnails)
     else:
         summary.device = configure(runtime)
-        predictor = Predictor(bundle, options.batch_size or default_batch_size(summary.device), runtime)
+        pause_point("models")
+        with member_reads(bundle):
+            predictor = Predictor(bundle, options.batch_size or default_batch_size(summary.device), runtime)
         batch_size = predictor.batch_size
         results = score(sources, predictor, thumbnails=options.thumbnails)
         summary.backend = predictor.backend
@@ -244,5 +250,6 @@ def _report(
                    **environment(summary.device, options.engine, summary.backend))
     failures = ledger.failures(bundle.identity, new_only)
     skipped = ledger.skipped_objects(bundle.identity, new_only)
-    summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails, skipped,
-                                options.dicom_sr)
+    with file_writes(f"the reports in {options.out}"):
+        summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails,
+                                    skipped, options.dicom_sr)

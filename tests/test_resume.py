@@ -8,12 +8,10 @@ results as an uninterrupted run, each input exactly once.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pytest
 
 from conftest import SMALL_200
 from dermscore.bundle import CLASS_CODES
-from dermscore.ledger import PAUSE_ENV
+from processes import finish, start_cli, wait_until_paused
 
 N_IMAGES = 20
 BATCH = 4
@@ -39,33 +37,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start(out: Path, inputs: Path, bundle: Path, *extra: str, pause: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop(PAUSE_ENV, None)
-    if pause:
-        env[PAUSE_ENV] = pause
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-c", "from dermscore.cli import main; main()", "run", str(inputs),
-               "--model", str(bundle), "--out", str(out), "--batch-size", str(BATCH), "--overwrite",
-               "--log-json", str(out / "log.jsonl"), *extra]
-    stderr = open(out / "stderr.txt", "a")
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    stdout, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, stdout
-
-
-def wait_until_paused(proc: subprocess.Popen, out: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if "dermscore: paused at" in (out / "stderr.txt").read_text():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run exited ({proc.returncode}) before its pause point:\n{(out / 'stderr.txt').read_text()}")
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail("run never reached its pause point")
+    args = ["run", str(inputs), "--model", str(bundle), "--out", str(out), "--batch-size", str(BATCH), "--overwrite",
+            "--log-json", str(out / "log.jsonl"), *extra]
+    return start_cli(args, out / "stderr.txt", pause, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def events(out: Path, name: str) -> list[dict]:
@@ -118,7 +93,7 @@ def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_result(
 ) -> None:
     out = tmp_path / "out"
     proc = start(out, inputs, small_bundle, pause=point)
-    wait_until_paused(proc, out)
+    wait_until_paused(proc, out / "stderr.txt")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ledger_count(out, "SELECT count(*) FROM images") == committed
@@ -137,7 +112,7 @@ def test_sigterm_stops_after_the_current_batch_and_says_how_to_resume(
 ) -> None:
     out = tmp_path / "out"
     proc = start(out, inputs, small_bundle, pause="result:6")
-    wait_until_paused(proc, out)
+    wait_until_paused(proc, out / "stderr.txt")
     proc.send_signal(signal.SIGTERM)
     code, _ = finish(proc)
     assert code == 6
@@ -158,7 +133,7 @@ def test_a_second_run_on_a_busy_ledger_exits_5_or_waits_its_turn(
 ) -> None:
     out = tmp_path / "out"
     holder = start(out, inputs, small_bundle, pause="discovery:1")
-    wait_until_paused(holder, out)
+    wait_until_paused(holder, out / "stderr.txt")
     began = time.monotonic()
     code, _ = finish(start(out, inputs, small_bundle, "--wait", "1"))
     assert code == 5
