@@ -346,6 +346,7 @@ def encode_scored(scored: Scored) -> str:
             "members": {name: np.asarray(p, dtype=np.float64).tolist() for name, p in scored.member_probabilities.items()},
             "lesion_id": scored.ref.lesion_id,
             "attributes": scored.ref.attributes,
+            **({"ood_score": scored.ood_score} if scored.ood_score is not None else {}),
         },
         default=str,  # DICOM values (PersonName, MultiValue) are kept as the text a report shows
     )
@@ -361,7 +362,8 @@ def decode_scored(location: str, frame: int, sha: str, result: str, thumbnail: b
         lesion_id=data.get("lesion_id"),
         thumbnail=thumbnail,
     )
-    return Scored(ref, {name: np.asarray(p, dtype=np.float64) for name, p in data["members"].items()})
+    members = {name: np.asarray(p, dtype=np.float64) for name, p in data["members"].items()}
+    return Scored(ref, members, data.get("ood_score"))  # rows written before OOD scores read back as None
 
 
 def connect(path: Path) -> sqlite3.Connection:

@@ -412,7 +412,18 @@ def run_export(args: argparse.Namespace) -> dict:
     (staging / "MODEL_CARD.md").write_text(modelcard.render(manifest), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     staging.replace(out)
+    args.bundle = out
     return {
         "bundle": out,
         **{n: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]} for n, r in results.items()},
+        "calibrate": run_calibrate(args),  # a new bundle gets calibration, OOD detector and operating points too
     }
+
+
+def run_calibrate(args: argparse.Namespace) -> dict:
+    """Calibration, OOD detector and operating points fitted from a bundle's own split (``training.fit_bundle``)."""
+    from dermscore.bundle import DEFAULT_BUNDLE, models_dir  # noqa: PLC0415
+    from training.fit_bundle import fit_bundle  # noqa: PLC0415
+
+    bundle = Path(args.bundle or args.out or models_dir() / DEFAULT_BUNDLE)
+    return fit_bundle(bundle, args.data, args.work, args.version, args.train_limit or None, args.ood_crops)
