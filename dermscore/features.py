@@ -24,6 +24,11 @@ VIEWS = ("none", "flips")
 FEATURE_TOLERANCE = 1e-4  # probabilities of the derived model against the member's own
 
 
+def output_list(outputs: Any) -> list[np.ndarray]:
+    """A model's output(s) as a list of float64 arrays: [probabilities] or [probabilities, features]."""
+    return [np.asarray(o, dtype=np.float64) for o in (outputs if isinstance(outputs, list | tuple) else [outputs])]
+
+
 def flip_views(image: Any) -> list[Any]:
     """The four flips of an (n, h, w, 3) tensor: the views a flip-averaged member averages over."""
     from keras import ops
@@ -76,8 +81,8 @@ def feature_member(model: Any, member: Member, views: str) -> Any:
 
     derived = with_features(model, views)
     probe = np.stack([prepare(image, (member,))[member.name] for image in probe_images()])
-    expected = np.asarray(model.predict_on_batch(probe), dtype=np.float64)
-    got = np.asarray(derived.predict_on_batch(probe)[0], dtype=np.float64)
+    expected = output_list(model.predict_on_batch(probe))[0]
+    got = output_list(derived.predict_on_batch(probe))[0]
     difference = float(np.abs(expected - got).max())
     if not difference <= FEATURE_TOLERANCE:
         raise BundleError(

@@ -22,6 +22,7 @@ import numpy as np
 from dermscore.bundle import Bundle, Member
 from dermscore.decode import decode_source
 from dermscore.errors import BundleError, InputError
+from dermscore.features import output_list
 from dermscore.ood import OodDetector
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.records import Failure, Frame, ImageRef, Scored, Source
@@ -130,8 +131,7 @@ class Predictor:
             padded[member.name] = x
 
         def outputs(name: str, x: np.ndarray) -> list[np.ndarray]:
-            result = self.models[name].predict_on_batch(x)
-            return [np.asarray(r, dtype=np.float64) for r in (result if isinstance(result, list | tuple) else [result])]
+            return output_list(self.models[name].predict_on_batch(x))
 
         n = len(next(iter(batch.values())))
         if not self._side_by_side:

@@ -28,6 +28,7 @@ import numpy as np
 
 from dermscore.bundle import Bundle, Member, sha256_file
 from dermscore.errors import BundleError
+from dermscore.features import output_list
 from dermscore.preprocess import prepare
 from dermscore.report.files import atomic_path
 
@@ -183,7 +184,7 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
     import tensorflow as tf
 
     probe = np.stack([prepare(image, (member,))[member.name] for image in probe_images()])
-    expected = _as_list(model.predict_on_batch(probe))
+    expected = output_list(model.predict_on_batch(probe))
     where = f"{bundle.member_path(member)} (member '{member.name}' of {bundle.name})"
     with atomic_path(path) as tmp:
         try:
@@ -192,7 +193,7 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 model.export(str(tmp), format="onnx", verbose=False, input_signature=signature, opset_version=OPSET)
-            got = _as_list(OnnxModel(tmp, physical_cores()).predict_on_batch(probe))
+            got = output_list(OnnxModel(tmp, physical_cores()).predict_on_batch(probe))
         except Exception as exc:  # tf2onnx raises whatever its converters raise; name it and move on
             raise BundleError(f"{where}: the ONNX export failed ({type(exc).__name__}: {exc}). "
                               "Run with --backend keras.") from exc
@@ -210,10 +211,6 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
         "probe_images": PROBE_IMAGES, "max_abs_diff_vs_keras": diff,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _as_list(outputs: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
-    return [np.asarray(o, dtype=np.float64) for o in (outputs if isinstance(outputs, list | tuple) else [outputs])]
 
 
 def probe_images() -> list[np.ndarray]:

@@ -6,9 +6,10 @@ and a shared, shrunk covariance of the members' features concatenated (Mahalanob
 class-conditional means, Lee et al. 2018); the bundle's ``ood`` file holds the means and the whitening
 matrix, hashed in the manifest like the weights.
 
-``ood_score`` = min over classes of the Mahalanobis distance, divided by sqrt(feature dimensions):
-about 1 for a typical training image, larger the less the image looks like any training class. The
-bundle's threshold (fitted on validation images) turns it into the ``out-of-distribution`` flag.
+``ood_score`` = min over classes of the Mahalanobis distance, divided by sqrt(feature dimensions): 0 at
+a class mean, larger the less the image looks like any training class; only its comparison with the
+bundle's threshold (a high percentile of the validation images' scores) has a meaning, so a score is
+read against that threshold, which turns it into the ``out-of-distribution`` flag.
 """
 
 from __future__ import annotations

@@ -226,3 +226,21 @@ def test_ood_scores_round_trip_through_the_ledger_and_old_rows_read_none() -> No
     assert decode_scored("a.jpg", -1, "f" * 64, encode_scored(result)).ood_score == result.ood_score
     old = json.dumps({"members": {"a": [1 / 7] * 7}, "lesion_id": None, "attributes": {}})
     assert decode_scored("a.jpg", -1, "f" * 64, old).ood_score is None
+
+
+def test_the_shipped_bundle_flags_photographs_but_not_dermoscopic_test_images(tmp_path: Path) -> None:
+    """The shipped detector end to end (Keras backend: the ONNX export would take minutes in a fresh cache)."""
+    import skimage.data
+
+    shipped = REPO / "models" / "ham10000-ensemble"
+    with open(shipped / "split.csv", newline="", encoding="utf-8") as handle:
+        test_ids = [r["image_id"] for r in csv.DictReader(handle) if r["split"] == "test"][:3]
+    photos = {"coffee.png": skimage.data.coffee(), "astronaut.png": skimage.data.astronaut()}
+    for name, rgb in photos.items():
+        Image.fromarray(rgb).save(tmp_path / name)
+    paths = [SMALL_200 / "images" / f"{i}.jpg" for i in test_ids] + [tmp_path / n for n in photos]
+    bundle = load_bundle(shipped)
+    rows = [image_row(r, bundle) for r in _scored(shipped, paths, "keras")]
+    flagged = {Path(r["source"]).name: FLAG_OOD in r["flags"].split(";") for r in rows}
+    assert flagged == {**{f"{i}.jpg": False for i in test_ids}, **{n: True for n in photos}}
+    assert all(r["ood_score"] > bundle.ood.threshold for r in rows[3:])

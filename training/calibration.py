@@ -58,6 +58,7 @@ def fit_calibration(val_probabilities: np.ndarray, val_labels: np.ndarray) -> di
              for variant in ("temperature", "class-temperature")}
     method = min(folds, key=folds.get)
     temperatures = fit_temperatures(val_probabilities, val_labels, method == "class-temperature")
+    other = fit_temperatures(val_probabilities, val_labels, method != "class-temperature")
     return {
         "method": method,
         "temperature": round(float(temperatures[0]), 6) if method == "temperature"
@@ -67,11 +68,16 @@ def fit_calibration(val_probabilities: np.ndarray, val_labels: np.ndarray) -> di
             "uncalibrated": round(nll(val_probabilities, val_labels, np.ones(1)), 4),
             **{f"{variant}_held_out_{FOLDS}_folds": round(loss, 4) for variant, loss in folds.items()},
         },
+        "not_chosen": {"method": next(v for v in folds if v != method), "temperature": [round(float(t), 6) for t in other]},
     }
 
 
-def reliability_figure(labels: np.ndarray, before: np.ndarray, after: np.ndarray, title: str, path: Path) -> Path:
-    """Reliability diagram (accuracy against confidence per bin) before and after calibration, as PNG."""
+def reliability_figure(correct: np.ndarray, confidences: dict[str, np.ndarray], title: str, path: Path) -> Path:
+    """Reliability diagram (accuracy against confidence per bin) of each named confidence, as PNG.
+
+    ``correct``: whether the reported predicted class is right; each confidence: the probability reported
+    for that class (uncalibrated, calibrated), so the figure shows what a reader of the reports sees.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,12 +85,11 @@ def reliability_figure(labels: np.ndarray, before: np.ndarray, after: np.ndarray
 
     fig, ax = plt.subplots(figsize=(5.2, 5.2))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    for name, probabilities, style in (("uncalibrated", before, "o-"), ("calibrated", after, "s-")):
-        correct = probabilities.argmax(1) == labels
-        accuracy, confidence, counts = metrics.reliability(correct, probabilities.max(1))
-        ece = metrics.expected_calibration_error(labels, probabilities)
-        ax.plot(confidence, accuracy, style, label=f"{name} (ECE {ece:.3f})")
-    ax.set_xlabel("confidence (top-class probability)")
+    for (name, confidence), style in zip(confidences.items(), ("o-", "s-", "^-")):
+        accuracy, mean_confidence, _ = metrics.reliability(correct, confidence)
+        ece = metrics.calibration_error(correct, confidence)
+        ax.plot(mean_confidence, accuracy, style, label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlabel("confidence (probability of the predicted class)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)

@@ -30,9 +30,17 @@ from dermscore.infer import features_key
 from dermscore.ood import METHOD, OodDetector
 from training import bundle_scores, metrics, ood_fit, ood_set, operating_points
 from training.calibration import fit_calibration, reliability_figure
-from training.steps import machine_description
+from training.steps import UNCALIBRATED, machine_description
 
 OOD_FILE = "ood.npz"
+LIMITATIONS_FITTED = (
+    "Probabilities are calibrated and operating points fitted on the HAM10000 validation split (about 67% nv): "
+    "at another case mix, population or device they are not calibrated, and sensitivity/specificity trade-offs "
+    "must be validated locally.",
+    "The out-of-distribution score was tested against photographs, documents, screenshots and radiology slices; "
+    "clinical (non-dermatoscopic) photographs of skin were not in that test set, and a skin photograph may not "
+    "be flagged.",
+)
 PREDICTIONS_FILE = "figures/test_predictions.csv"
 
 
@@ -41,19 +49,25 @@ def feature_views(bundle: Bundle) -> str:
     return "flips" if bundle.provenance.get("ensemble", {}).get("tta") else "none"
 
 
-def member_logits(bundle: Bundle, views: str, features: dict[str, np.ndarray]) -> np.ndarray:
-    """Weighted mean of the members' view-averaged logits (the energy baseline), from their last layer."""
+def logit_layers(bundle: Bundle, views: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each member's last layer (kernel, bias): its features times these are its logits (before the softmax)."""
     import keras
 
     from dermscore.features import classifier_of
 
-    total = 0.0
-    weights = np.array([m.weight for m in bundle.members]) / sum(m.weight for m in bundle.members)
-    for weight, member in zip(weights, bundle.members):
+    layers = {}
+    for member in bundle.members:
         model = keras.models.load_model(bundle.member_path(member), compile=False)
         kernel, bias = classifier_of(model, views).layers[-1].get_weights()
-        total = total + weight * (features[features_key(member.name)] @ kernel + bias)
-    return total
+        layers[member.name] = (np.asarray(kernel, dtype=np.float64), np.asarray(bias, dtype=np.float64))
+    return layers
+
+
+def member_logits(bundle: Bundle, layers: dict, side: dict[str, np.ndarray]) -> np.ndarray:
+    """Weighted mean of the members' logits of their view-averaged features (the energy baseline's input)."""
+    weights = np.array([m.weight for m in bundle.members]) / sum(m.weight for m in bundle.members)
+    return sum(w * (side[features_key(m.name)] @ layers[m.name][0] + layers[m.name][1])
+               for w, m in zip(weights, bundle.members))
 
 
 def side_arrays(bundle: Bundle, scores: dict[str, np.ndarray], calibration: Calibration | None) -> dict:
@@ -88,8 +102,8 @@ def fit_ood(bundle: Bundle, scores: dict[str, dict], folder: Path) -> tuple[dict
         alone = ood_fit.fit_detector(features(scores["train"], [name]), scores["train"]["labels"], [name])
         comparison[f"mahalanobis ({name} only)"] = {s: alone.score(features(scores[s], [name])) for s in evaluated}
     comparison["max softmax probability"] = {s: ood_fit.max_softmax_score(_ensemble(bundle, scores[s])) for s in evaluated}
-    views = feature_views(bundle)
-    comparison["energy"] = {s: ood_fit.energy_score(member_logits(bundle, views, scores[s])) for s in evaluated}
+    layers = logit_layers(bundle, feature_views(bundle))
+    comparison["energy"] = {s: ood_fit.energy_score(member_logits(bundle, layers, scores[s])) for s in evaluated}
     detector = ood_fit.fit_detector(features(scores["train"], names), scores["train"]["labels"], names)
     stored = OodDetector.from_file(ood_fit.save_detector(detector, folder / OOD_FILE))  # as dermscore reads it
     return {s: stored.score(features(scores[s], names)) for s in evaluated}, comparison
@@ -100,14 +114,15 @@ def _ensemble(bundle: Bundle, data: dict) -> np.ndarray:
 
 
 def ood_figures(result: dict, comparison: dict, threshold: float, categories: np.ndarray) -> dict:
-    """AUROC (test split against the non-dermoscopic set) and shares flagged, for the detector and each rival."""
+    """AUROC (test split against the non-dermoscopic set) and shares flagged, for the detector and each rival
+    (each at its own threshold, the same percentile of its validation scores)."""
     summary = {}
     for label, sides in {"shipped: mahalanobis (all members)": result, **comparison}.items():
         cut = ood_fit.threshold(sides["val"])
         summary[label] = {
             "auroc": round(ood_fit.auroc(sides["test"], sides["ood"]), 4),
-            "test_flagged_at_val_95th_percentile": round(float((sides["test"] > cut).mean()), 4),
-            "ood_flagged_at_val_95th_percentile": round(float((sides["ood"] > cut).mean()), 4),
+            "test_flagged": round(float((sides["test"] > cut).mean()), 4),
+            "non_dermoscopic_flagged": round(float((sides["ood"] > cut).mean()), 4),
         }
     per_category = {
         category: {"images": int((categories == category).sum()),
@@ -163,7 +178,8 @@ def fit_bundle(
     scores["ood"] = scorer(ood_folder.name, [ood_folder / r["file"] for r in ood_rows])
     staging = bundle.path.with_name(bundle.path.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(bundle.path, staging, copy_function=_link_or_copy)
+    weights = {bundle.member_path(m).name for m in bundle.members}
+    shutil.copytree(bundle.path, staging, copy_function=lambda src, dst: _link_or_copy(src, dst, weights))
     figures = staging / "figures"
     figures.mkdir(exist_ok=True)
 
@@ -180,7 +196,10 @@ def fit_bundle(
         "accuracy": round(float((~test["wrong"]).mean()), 4),
         "predicted_class_changed": int((test["calibrated"].argmax(1) != test["balanced"].argmax(1)).sum()),
     }
-    reliability_figure(test["labels"], test0["balanced"], test["calibrated"],
+    rival = calibration["not_chosen"]
+    rival["test_expected_calibration_error"] = round(_ece(side_arrays(
+        bundle, scores["test"], Calibration(rival["method"], tuple(rival["temperature"])))), 4)
+    reliability_figure(~test["wrong"], {"uncalibrated": test0["confidence"], "calibrated": test["confidence"]},
                        f"{bundle.name}: test split ({len(test['labels'])} images)", figures / "reliability.png")
 
     # OOD detector on the training features, threshold on validation.
@@ -208,6 +227,11 @@ def fit_bundle(
     manifest = json.loads((bundle.path / MANIFEST).read_text(encoding="utf-8"))
     manifest.update(version=version or manifest["version"], calibration=calibration, ood=ood_field,
                     operating_points=points)
+    manifest["provenance"]["limitations"] = [
+        *(item for item in manifest["provenance"].get("limitations", [])
+          if item != UNCALIBRATED and item not in LIMITATIONS_FITTED),  # a refit states them once
+        *LIMITATIONS_FITTED,
+    ]
     manifest["provenance"]["fitted_from_bundle"] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_description(),
         "scored_with": "dermscore's decoding, preprocessing and Predictor (training/bundle_scores.py), "
@@ -224,13 +248,16 @@ def _ece(side: dict) -> float:
     return metrics.calibration_error(~side["wrong"], side["confidence"])
 
 
-def _link_or_copy(source: str, target: str) -> str:
-    """Weight files are hard-linked where possible: the new bundle holds the very same bytes."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-    return target
+def _link_or_copy(source: str, target: str, weights: set[str]) -> str:
+    """Weight files are hard-linked where possible (the new bundle holds the very same bytes, without a copy);
+    every other file is copied, because some are rewritten in place and a link would change the original."""
+    if Path(source).name in weights:
+        try:
+            os.link(source, target)
+            return target
+        except OSError:
+            pass
+    return shutil.copy2(source, target)
 
 
 def _publish(staging: Path, manifest: dict, out: Path) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from dermscore.ood import OodDetector
 
-THRESHOLD_PERCENTILE = 95.0
+THRESHOLD_PERCENTILE = 96.0  # 95 flagged 5.2% of the shipped bundle's test images; the issue allows 5%
 
 
 def concatenated(features: Mapping[str, np.ndarray], members: Sequence[str]) -> np.ndarray:

@@ -223,6 +223,10 @@ INTENDED_USE = (
     "Research decision support for dermatoscopic images of pigmented skin lesions: ranking and triage studies, "
     "method development. Not a diagnosis and not a medical device; a clinician decides."
 )
+UNCALIBRATED = (  # replaced by training.fit_bundle once calibration and operating points are fitted
+    "Probabilities are not calibrated for clinical thresholds (see ECE); "
+    "sensitivity/specificity trade-offs must be validated locally."
+)
 STRONGER_BUNDLE = (
     "On a machine with a GPU and internet: `python -m training all --preset gpu` trains both members from "
     "ImageNet weights at 299x299 (InceptionV3) and 224x224 (DenseNet201), a 3-epoch head phase then full "
@@ -402,8 +406,7 @@ def run_export(args: argparse.Namespace) -> dict:
                 "non-pigmented lesions) are forced into one of the seven.",
                 "Rare classes (df, vasc, akiec) have few test images, so their recall figures are uncertain by "
                 "+-10 points or more.",
-                "Probabilities are not calibrated for clinical thresholds (see ECE); "
-                "sensitivity/specificity trade-offs must be validated locally.",
+                UNCALIBRATED,
             ],
             "stronger_bundle": STRONGER_BUNDLE,
         },
