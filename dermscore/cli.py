@@ -171,6 +171,14 @@ def models(
         )
     if bundle.intended_use:
         typer.echo(f"intended use: {bundle.intended_use}")
+    from dermscore.aggregate import Thresholds
+
+    applied = Thresholds().sources(bundle)
+    typer.echo("thresholds: " + ", ".join(f"{k} {v:g} ({src})" for k, (v, src) in applied.items()
+                                          if isinstance(v, float)))
+    if bundle.calibration:
+        typer.echo(f"calibration: {bundle.calibration.method}, T = "
+                   + ", ".join(f"{t:.3f}" for t in bundle.calibration.temperatures))
     metrics = bundle.provenance.get("metrics")
     if metrics:
         typer.echo("metrics: " + json.dumps(metrics)[:2000])

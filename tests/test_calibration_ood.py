@@ -21,7 +21,7 @@ from openpyxl import load_workbook
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import REPO, SMALL_200, SMALL_MEMBERS, build_small_member, make_bundle
+from conftest import REPO, SMALL_200
 from dermscore.aggregate import FLAG_OOD, Thresholds, image_row
 from dermscore.bundle import Calibration, OperatingPoints, load_bundle, read_bundle
 from dermscore.cli import app
@@ -31,54 +31,6 @@ from dermscore.infer import Predictor, score
 from dermscore.ledger import decode_scored, encode_scored
 from dermscore.records import ImageRef, Scored
 from dermscore.runtime import Runtime
-
-PER_SIDE = {"train": 8, "val": 4, "test": 3}  # images per class and side
-
-
-def _split(folder: Path) -> None:
-    """A real lesion-disjoint split.csv over HAM10000 images: a few images of each class on each side."""
-    with open(SMALL_200 / "HAM10000_metadata.csv", newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    taken: dict[tuple[str, str], int] = {}
-    side_of_lesion: dict[str, str] = {}
-    chosen = []
-    for row in rows:
-        side = side_of_lesion.get(row["lesion_id"]) or next(
-            (s for s, n in PER_SIDE.items() if taken.get((row["dx"], s), 0) < n), None)
-        if side is None:
-            continue
-        side_of_lesion[row["lesion_id"]] = side
-        taken[(row["dx"], side)] = taken.get((row["dx"], side), 0) + 1
-        chosen.append({"image_id": row["image_id"], "lesion_id": row["lesion_id"], "dx": row["dx"], "split": side})
-    with open(folder / "split.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=("image_id", "lesion_id", "dx", "split"))
-        writer.writeheader()
-        writer.writerows(chosen)
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """(unfitted, fitted) copies of a flip-averaged tiny bundle with a real split, fitted by training."""
-    import keras
-
-    from training.cli import main
-    from training.export import flip_averaged
-
-    root = tmp_path_factory.mktemp("fitted")
-    members = []
-    for i, spec in enumerate(SMALL_MEMBERS):
-        raw = build_small_member(root / f"raw{i}.keras", tuple(spec["input_size"]), seed=i)
-        flip_averaged(keras.models.load_model(raw, compile=False)).save(root / f"tta{i}.keras")
-        members.append(dict(spec, model_file=str(root / f"tta{i}.keras")))
-    # The shipped bundle's provenance (metrics, training, ensemble with tta), so the model card renders in full.
-    shipped = json.loads((REPO / "models" / "ham10000-ensemble" / "bundle.json").read_text())["provenance"]
-    plain = make_bundle(root / "plain", members, provenance=shipped)
-    _split(plain)
-    bundle = root / "bundle"
-    shutil.copytree(plain, bundle)
-    assert main(["calibrate", "--bundle", str(bundle), "--data", str(SMALL_200), "--work", str(root / "work"),
-                 "--version", "0.0.2-test", "--train-limit", "0", "--ood-crops", "1"]) == 0
-    return {"plain": plain, "bundle": bundle, "work": root / "work"}
 
 
 def _scored(bundle_path: Path, paths: list[Path], backend: str = "auto") -> list[Scored]:
@@ -92,8 +44,8 @@ def _test_images(n: int = 4) -> list[Path]:
     return [SMALL_200 / "images" / f"{i}.jpg" for i in ids]
 
 
-def test_the_fitted_bundle_carries_every_field_and_the_same_weights(fitted: dict[str, Path]) -> None:
-    plain, bundle = load_bundle(fitted["plain"]), load_bundle(fitted["bundle"])
+def test_the_fitted_bundle_carries_every_field_and_the_same_weights(fitted_bundle: dict[str, Path]) -> None:
+    plain, bundle = load_bundle(fitted_bundle["plain"]), load_bundle(fitted_bundle["bundle"])
     assert bundle.version == "0.0.2-test"
     assert bundle.weight_hashes == plain.weight_hashes
     assert bundle.calibration is not None and bundle.calibration.method in ("temperature", "class-temperature")
@@ -108,10 +60,10 @@ def test_the_fitted_bundle_carries_every_field_and_the_same_weights(fitted: dict
     assert "## Calibration" in card and "## Operating points" in card and "## Out-of-distribution" in card
 
 
-def test_calibration_changes_probabilities_but_not_the_predicted_class(fitted: dict[str, Path]) -> None:
-    bundle = load_bundle(fitted["bundle"])
+def test_calibration_changes_probabilities_but_not_the_predicted_class(fitted_bundle: dict[str, Path]) -> None:
+    bundle = load_bundle(fitted_bundle["bundle"])
     uncalibrated = replace(bundle, calibration=None)
-    scored = _scored(fitted["bundle"], _test_images())
+    scored = _scored(fitted_bundle["bundle"], _test_images())
     sharp = replace(bundle, calibration=Calibration("temperature", (0.5,)))
     for result in scored:
         rows = [image_row(result, b) for b in (bundle, uncalibrated, sharp)]
@@ -150,8 +102,8 @@ def test_a_bundle_without_the_new_fields_gives_todays_rows(small_bundle: Path) -
     assert Thresholds().for_bundle(bundle) == Thresholds(0.30, 0.50, 0.20, None, top_class=True)
 
 
-def test_a_tampered_ood_file_is_refused(fitted: dict[str, Path], tmp_path: Path) -> None:
-    copy = shutil.copytree(fitted["bundle"], tmp_path / "tampered")
+def test_a_tampered_ood_file_is_refused(fitted_bundle: dict[str, Path], tmp_path: Path) -> None:
+    copy = shutil.copytree(fitted_bundle["bundle"], tmp_path / "tampered")
     ood = copy / "ood.npz"
     data = bytearray(ood.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -163,15 +115,15 @@ def test_a_tampered_ood_file_is_refused(fitted: dict[str, Path], tmp_path: Path)
         load_bundle(copy)
 
 
-def test_onnx_and_keras_give_the_same_ood_score(fitted: dict[str, Path]) -> None:
+def test_onnx_and_keras_give_the_same_ood_score(fitted_bundle: dict[str, Path]) -> None:
     images = _test_images(3)
-    onnx = [r.ood_score for r in _scored(fitted["bundle"], images, "onnx")]
-    keras = [r.ood_score for r in _scored(fitted["bundle"], images, "keras")]
+    onnx = [r.ood_score for r in _scored(fitted_bundle["bundle"], images, "onnx")]
+    keras = [r.ood_score for r in _scored(fitted_bundle["bundle"], images, "keras")]
     assert all(s is not None and s > 0 for s in onnx)
     assert onnx == pytest.approx(keras, rel=1e-4)
 
 
-def test_ood_scores_reach_the_reports_and_flag_above_the_threshold(fitted: dict[str, Path], tmp_path: Path) -> None:
+def test_ood_scores_reach_the_reports_and_flag_above_the_threshold(fitted_bundle: dict[str, Path], tmp_path: Path) -> None:
     import skimage.data
 
     folder = tmp_path / "mixed"
@@ -180,25 +132,25 @@ def test_ood_scores_reach_the_reports_and_flag_above_the_threshold(fitted: dict[
         shutil.copy(image, folder / image.name)
     Image.fromarray(skimage.data.coffee()).save(folder / "coffee.png")
     Image.fromarray(skimage.data.page()).convert("RGB").save(folder / "page.png")
-    result = CliRunner().invoke(app, ["run", str(folder), "--model", str(fitted["bundle"]), "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(app, ["run", str(folder), "--model", str(fitted_bundle["bundle"]), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "r" / "images.csv", keep_default_na=False)
     columns = list(table.columns)
     assert columns[columns.index("member_divergence") + 1] == "ood_score"
-    threshold = load_bundle(fitted["bundle"]).ood.threshold
+    threshold = load_bundle(fitted_bundle["bundle"]).ood.threshold
     assert len(table) == 5 and (table["ood_score"].astype(float) > 0).all()
     for _, row in table.iterrows():
         above = float(row["ood_score"]) > threshold
         assert (FLAG_OOD in row["flags"].split(";")) == above == (FLAG_OOD in row["review_reasons"].split(";"))
-    lowered = CliRunner().invoke(app, ["run", str(folder), "--model", str(fitted["bundle"]), "--out",
+    lowered = CliRunner().invoke(app, ["run", str(folder), "--model", str(fitted_bundle["bundle"]), "--out",
                                        str(tmp_path / "all"), "--ood-threshold", "0"])
     assert lowered.exit_code == 0, lowered.output
     flags = pd.read_csv(tmp_path / "all" / "images.csv")["flags"]
     assert all(FLAG_OOD in f.split(";") and "review" in f.split(";") for f in flags)
 
 
-def test_bundle_thresholds_apply_and_the_command_line_overrides_them(fitted: dict[str, Path], tmp_path: Path) -> None:
-    bundle = load_bundle(fitted["bundle"])
+def test_bundle_thresholds_apply_and_the_command_line_overrides_them(fitted_bundle: dict[str, Path], tmp_path: Path) -> None:
+    bundle = load_bundle(fitted_bundle["bundle"])
     images = [str(p) for p in _test_images(2)]
     runs = {"bundle": [], "override": ["--malignant-threshold", "0.99", "--ood-threshold", "1000"]}
     for name, extra in runs.items():
