@@ -14,13 +14,16 @@ Rules (also in README, 'Reports'):
   probabilities mean little.
 * A lesion's probabilities are the plain (unweighted) mean of its images' ensemble probabilities: each
   image is one view of the same lesion and none is known to be better than another. Its predicted class,
-  confidence and malignant probability are computed from that mean exactly as for an image.
+  confidence and malignant probability are computed from that mean exactly as for an image (with a
+  calibration: the mean of the uncalibrated probabilities, recovered from the image rows, is calibrated
+  and decided like an image's, so a lesion of one image repeats its image row).
 * ``malignant`` flag: malignant_probability (sum over the bundle's malignant classes) >= the malignant
   threshold.
 * ``review`` flag, with the reasons in ``review_reasons``: ``low-confidence`` (top probability below the
   review threshold); ``members-disagree`` (the ensemble members' top classes differ, unless the bundle's
   operating points turn that part off, or two members' distributions are further apart than the
-  disagreement threshold in Jensen-Shannon divergence, base 2, 0 = identical, 1 = disjoint); for lesions also ``images-disagree`` (the same test between its images),
+  disagreement threshold in Jensen-Shannon divergence, base 2, 0 = identical, 1 = disjoint); for
+  lesions also ``images-disagree`` (the same test between its images),
   ``image-over-threshold`` (one image is over the malignant threshold though the lesion mean is not), and
   ``members-disagree`` inherited from any of its images.
 
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from dermscore.bundle import Bundle, OperatingPoints
-from dermscore.calibration import calibrate
+from dermscore.calibration import calibrate, uncalibrate
 from dermscore.errors import UsageError
 from dermscore.lesion_map import LesionMap
 from dermscore.records import ImageRef, Scored
@@ -255,12 +258,13 @@ def lesion_rows(
     out = []
     for lesion_id, rows in groups.items():
         images = np.array([[float(r[c]) for c in bundle.classes] for r in rows], dtype=np.float64)
-        probabilities = images.mean(axis=0)
+        balanced = uncalibrate(images, bundle.calibration).mean(axis=0)
+        probabilities = calibrate(balanced, bundle.calibration)
         lesion: dict[str, Any] = {"lesion_id": lesion_id, "lesion_source": rows[0]["lesion_source"],
                                   "n_images": len(rows), "patient_id": _common(rows, "patient_id"),
                                   "body_site": _common(rows, "body_site")}
         lesion.update({code: float(p) for code, p in zip(bundle.classes, probabilities)})
-        lesion.update(decision(probabilities, bundle))
+        lesion.update(decision(probabilities, bundle, top=int(np.argmax(balanced))))
         images_disagree, lesion["image_divergence"] = disagree(images, thresholds)
         malignant = lesion["malignant_probability"] >= thresholds.malignant
         reasons = ["low-confidence"] if lesion["confidence"] < thresholds.review else []

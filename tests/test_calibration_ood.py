@@ -196,3 +196,19 @@ def test_the_shipped_bundle_flags_photographs_but_not_dermoscopic_test_images(tm
     flagged = {Path(r["source"]).name: FLAG_OOD in r["flags"].split(";") for r in rows}
     assert flagged == {**{f"{i}.jpg": False for i in test_ids}, **{n: True for n in photos}}
     assert all(r["ood_score"] > bundle.ood.threshold for r in rows[3:])
+
+
+def test_a_lesion_of_one_image_repeats_its_calibrated_image_row(small_bundle: Path) -> None:
+    from dermscore.aggregate import lesion_rows
+    from dermscore.calibration import calibrate, uncalibrate
+
+    bundle = replace(read_bundle(small_bundle), calibration=Calibration("class-temperature", (5.0, 1, 1, 1, 1, 0.2, 1)))
+    rng = np.random.default_rng(3)
+    balanced = rng.dirichlet(np.ones(7) * 0.7, size=20)
+    assert np.allclose(uncalibrate(calibrate(balanced, bundle.calibration), bundle.calibration), balanced, atol=1e-9)
+    rows = [image_row(Scored(ImageRef(f"{i}.jpg", "0" * 64), {m.name: p for m in bundle.members}), bundle)
+            for i, p in enumerate(balanced)]
+    for image, lesion in zip(rows, lesion_rows(rows, bundle)):
+        assert lesion["predicted_class"] == image["predicted_class"]
+        for key in (*bundle.classes, "confidence", "malignant_probability"):
+            assert lesion[key] == pytest.approx(image[key], abs=1e-9)

@@ -53,13 +53,18 @@ def held_out_nll(probabilities: np.ndarray, labels: np.ndarray, per_class: bool,
 
 
 def fit_calibration(val_probabilities: np.ndarray, val_labels: np.ndarray) -> dict:
-    """The manifest's ``calibration`` field: the variant validation prefers, with what decided it."""
+    """The manifest's ``calibration`` field: the variant validation prefers, with what decided it.
+
+    The per-class variant is considered only when every class has at least ``FOLDS`` validation images
+    (otherwise it cannot be judged on held-out folds, and one temperature is the safe choice).
+    """
+    counts = np.bincount(val_labels, minlength=val_probabilities.shape[1])
+    variants = ("temperature", "class-temperature") if counts.min() >= FOLDS else ("temperature",)
     folds = {variant: held_out_nll(val_probabilities, val_labels, variant == "class-temperature")
-             for variant in ("temperature", "class-temperature")}
-    method = min(folds, key=folds.get)
+             for variant in variants} if len(variants) > 1 else {}
+    method = min(folds, key=folds.get) if folds else "temperature"
     temperatures = fit_temperatures(val_probabilities, val_labels, method == "class-temperature")
-    other = fit_temperatures(val_probabilities, val_labels, method != "class-temperature")
-    return {
+    fitted = {
         "method": method,
         "temperature": round(float(temperatures[0]), 6) if method == "temperature"
         else [round(float(t), 6) for t in temperatures],
@@ -68,8 +73,12 @@ def fit_calibration(val_probabilities: np.ndarray, val_labels: np.ndarray) -> di
             "uncalibrated": round(nll(val_probabilities, val_labels, np.ones(1)), 4),
             **{f"{variant}_held_out_{FOLDS}_folds": round(loss, 4) for variant, loss in folds.items()},
         },
-        "not_chosen": {"method": next(v for v in folds if v != method), "temperature": [round(float(t), 6) for t in other]},
     }
+    if folds:
+        other = fit_temperatures(val_probabilities, val_labels, method != "class-temperature")
+        fitted["not_chosen"] = {"method": next(v for v in folds if v != method),
+                                "temperature": [round(float(t), 6) for t in other]}
+    return fitted
 
 
 def reliability_figure(correct: np.ndarray, confidences: dict[str, np.ndarray], title: str, path: Path) -> Path:

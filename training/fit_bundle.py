@@ -196,9 +196,10 @@ def fit_bundle(
         "accuracy": round(float((~test["wrong"]).mean()), 4),
         "predicted_class_changed": int((test["calibrated"].argmax(1) != test["balanced"].argmax(1)).sum()),
     }
-    rival = calibration["not_chosen"]
-    rival["test_expected_calibration_error"] = round(_ece(side_arrays(
-        bundle, scores["test"], Calibration(rival["method"], tuple(rival["temperature"])))), 4)
+    rival = calibration.get("not_chosen")
+    if rival:
+        rival["test_expected_calibration_error"] = round(_ece(side_arrays(
+            bundle, scores["test"], Calibration(rival["method"], tuple(rival["temperature"])))), 4)
     reliability_figure(~test["wrong"], {"uncalibrated": test0["confidence"], "calibrated": test["confidence"]},
                        f"{bundle.name}: test split ({len(test['labels'])} images)", figures / "reliability.png")
 

@@ -176,14 +176,16 @@ def _fitted_sections(manifest: dict) -> list[str]:
         "",
         f"Temperature scaling of the prior-corrected ensemble, `softmax(log p / T)`, fitted on the validation split by "
         f"negative log-likelihood: **{calibration['method']}, {t_text}** (validation NLL {nll['uncalibrated']:.3f} "
-        f"uncalibrated; held-out 5-fold NLL " + ", ".join(f"{k.split('_held')[0]} {v:.3f}" for k, v in nll.items()
-                                                         if k != "uncalibrated") + "; the lower one is used). "
+        f"uncalibrated" + "".join(f"; held-out 5-fold NLL {k.split('_held')[0]} {v:.3f}" for k, v in nll.items()
+                                   if k != "uncalibrated") + "). "
         f"dermscore applies it to the class probabilities, confidence and malignant probability; `predicted_class` "
         f"stays the top class of the uncalibrated prior-corrected ensemble (the balanced decision rule), and "
         f"`confidence` is the calibrated probability of that class ({test['predicted_class_changed']} of the "
-        f"test images would get another top class from the calibrated probabilities). The variant not chosen "
-        f"({calibration['not_chosen']['method']}) would give a test ECE of "
-        f"{calibration['not_chosen']['test_expected_calibration_error']:.3f}.",
+        f"test images would get another top class from the calibrated probabilities)."
+        + (f" The variant with the lower held-out NLL is used; the other ({calibration['not_chosen']['method']}) "
+           f"would give a test ECE of "
+           f"{calibration['not_chosen']['test_expected_calibration_error']:.3f}." if "not_chosen" in calibration
+           else " Too few validation images per class to judge one temperature per class on held-out folds."),
         "",
         "| test split | ECE (15 bins) | mean confidence | accuracy |",
         "| --- | --- | --- | --- |",
