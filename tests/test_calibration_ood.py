@@ -212,3 +212,27 @@ def test_a_lesion_of_one_image_repeats_its_calibrated_image_row(small_bundle: Pa
         assert lesion["predicted_class"] == image["predicted_class"]
         for key in (*bundle.classes, "confidence", "malignant_probability"):
             assert lesion[key] == pytest.approx(image[key], abs=1e-9)
+
+
+def test_identity_and_onnx_cache_key_change_only_with_the_new_fields(fitted_bundle: dict[str, Path]) -> None:
+    import hashlib
+
+    from dermscore.bundle import OodSpec
+    from dermscore.onnx_backend import cache_key
+
+    plain, fitted = load_bundle(fitted_bundle["plain"]), load_bundle(fitted_bundle["bundle"])
+    digest = hashlib.sha256()  # the identity as computed before these fields existed
+    for m in plain.members:
+        digest.update(f"{m.name}:{m.sha256}:{m.weight}:{m.input_size}".encode())
+    assert plain.identity == f"{plain.name}@{plain.version}#{digest.hexdigest()[:16]}"
+    same_version = replace(fitted, version=plain.version)
+    changed = [replace(same_version, calibration=Calibration("temperature", (0.9,))),
+               replace(same_version, ood=replace(fitted.ood, sha256="0" * 64)),
+               replace(same_version, ood=replace(fitted.ood, threshold=fitted.ood.threshold + 0.1)),
+               replace(same_version, operating_points=replace(fitted.operating_points, malignant=0.5))]
+    identities = {b.identity for b in (plain, same_version, *changed)}
+    assert len(identities) == 2 + len(changed)
+    member = plain.members[0]
+    assert cache_key(member) == cache_key(member, "probabilities")
+    assert cache_key(member, "probabilities+features:flips") != cache_key(member)
+    assert isinstance(fitted.ood, OodSpec)

@@ -58,8 +58,9 @@ def score_images(
 ) -> dict[str, np.ndarray]:
     """``member -> probabilities`` and ``member/features -> features`` for ``paths``, in order.
 
-    Scored in chunks of ``CHUNK`` images, each saved to ``cache`` as it finishes; chunks already there are read
-    back; ``predictor`` is called (to load the members) only for a chunk that is not cached. An image that fails to decode stops the step: every split image must be scored.
+    Scored in chunks of ``CHUNK`` images, each saved to ``cache`` as it finishes; chunks already there are
+    read back; ``predictor`` is called (to load the members) only for a chunk that is not cached. An image
+    that fails to decode stops the step: every split image must be scored.
     """
     cache.mkdir(parents=True, exist_ok=True)
     parts = []

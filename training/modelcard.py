@@ -221,10 +221,11 @@ def _fitted_sections(manifest: dict) -> list[str]:
         "",
         "## Out-of-distribution detection",
         "",
-        f"`ood_score`: Mahalanobis distance of the members' penultimate-layer features (concatenated, averaged over the "
-        f"flipped views as the probabilities are) to the nearest class mean of the training split, with a shared "
-        f"Ledoit-Wolf covariance, divided by the square root of the feature count. Fitted on {ood['fitted_on']['train_images']} training images (a seeded random subset, to bound the "
-        f"CPU time of scoring them); threshold **{ood['threshold']:.3f}** = {ood['threshold_rule']}. Statistics in "
+        "`ood_score`: Mahalanobis distance of the members' penultimate-layer features (concatenated"
+        + (", averaged over the flipped views as the probabilities are" if ood["views"] == "flips" else "")
+        + ") to the nearest class mean of the training split, with a shared Ledoit-Wolf covariance, divided by the "
+        f"square root of the feature count. Fitted on {ood['fitted_on']['train_images']} training images (a seeded "
+        f"random subset where fewer than the split's, to bound the CPU time of scoring them); threshold **{ood['threshold']:.3f}** = {ood['threshold_rule']}. Statistics in "
         f"`{ood['file']}` (sha256 in the manifest).",
         "",
         f"Against {result['non_dermoscopic_images']} non-dermoscopic images built from what installed packages ship "
