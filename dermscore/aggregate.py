@@ -2,16 +2,28 @@
 
 Rules (also in README, 'Reports'):
 
-* An image's probabilities are the manifest-weighted mean of its members' softmax outputs.
+* An image's probabilities are the manifest-weighted mean of its members' softmax outputs, calibrated
+  when the bundle carries a ``calibration`` (``dermscore.calibration``): the class columns, confidence and
+  malignant probability are then calibrated. ``predicted_class`` stays the balanced decision rule (the
+  top class of the uncalibrated, prior-corrected ensemble); a global temperature never changes the top
+  class, and ``confidence`` is the calibrated probability of the predicted class.
+* Thresholds: each one the run does not set comes from the bundle's ``operating_points`` (fitted on
+  validation by training/), else from the defaults below (bundles without operating points).
+* ``out-of-distribution`` flag and review reason: ``ood_score`` (``dermscore.ood``) above the bundle's
+  OOD threshold (or ``--ood-threshold``): the image is unlike the training images, so its class
+  probabilities mean little.
 * A lesion's probabilities are the plain (unweighted) mean of its images' ensemble probabilities: each
   image is one view of the same lesion and none is known to be better than another. Its predicted class,
-  confidence and malignant probability are computed from that mean exactly as for an image.
+  confidence and malignant probability are computed from that mean exactly as for an image (with a
+  calibration: the mean of the uncalibrated probabilities, recovered from the image rows, is calibrated
+  and decided like an image's, so a lesion of one image repeats its image row).
 * ``malignant`` flag: malignant_probability (sum over the bundle's malignant classes) >= the malignant
   threshold.
 * ``review`` flag, with the reasons in ``review_reasons``: ``low-confidence`` (top probability below the
-  review threshold); ``members-disagree`` (the ensemble members' top classes differ, or two members'
-  distributions are further apart than the disagreement threshold in Jensen-Shannon divergence, base 2,
-  0 = identical, 1 = disjoint); for lesions also ``images-disagree`` (the same test between its images),
+  review threshold); ``members-disagree`` (the ensemble members' top classes differ, unless the bundle's
+  operating points turn that part off, or two members' distributions are further apart than the
+  disagreement threshold in Jensen-Shannon divergence, base 2, 0 = identical, 1 = disjoint); for
+  lesions also ``images-disagree`` (the same test between its images),
   ``image-over-threshold`` (one image is over the malignant threshold though the lesion mean is not), and
   ``members-disagree`` inherited from any of its images; ``poor-quality`` (the image fails a check of
   ``dermscore.gate.quality``, listed in its ``quality`` column), which a lesion also inherits.
@@ -22,12 +34,13 @@ Lesion rows are computed from image rows (not from arrays), so reports can be re
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
-from dermscore.bundle import Bundle
+from dermscore.bundle import Bundle, OperatingPoints
+from dermscore.calibration import calibrate, uncalibrate
 from dermscore.errors import UsageError
 from dermscore.gate import quality
 from dermscore.lesion_map import LesionMap
@@ -50,23 +63,53 @@ MIXED = "(mixed)"
 FLAG_MALIGNANT = "malignant"
 FLAG_REVIEW = "review"
 POOR_QUALITY = "poor-quality"
-INHERITED_REASONS = ("members-disagree", POOR_QUALITY)  # a lesion has them when any of its images does
+FLAG_OOD = "out-of-distribution"
+INHERITED_REASONS = ("members-disagree", POOR_QUALITY, FLAG_OOD)  # a lesion has them when any of its images does
 SEPARATOR = ";"
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The decision thresholds of a run; reported in the workbook's Run sheet."""
+    """The decision thresholds of a run; reported in the workbook's Run sheet.
 
-    malignant: float = DEFAULT_MALIGNANT_THRESHOLD
-    review: float = DEFAULT_REVIEW_THRESHOLD
-    disagreement: float = DEFAULT_DISAGREEMENT_THRESHOLD
+    None means "not set by the run": ``for_bundle`` fills it from the bundle's operating points (or OOD
+    threshold), else from the defaults, so a bundle's fitted values apply unless the user overrides them.
+    """
+
+    malignant: float | None = None
+    review: float | None = None
+    disagreement: float | None = None
+    ood: float | None = None  # an ood_score, not a probability; None without an OOD detector
+    top_class: bool | None = None  # members-disagree also when only their top classes differ (default yes)
 
     def __post_init__(self) -> None:
         for option, value in (("--malignant-threshold", self.malignant), ("--review-threshold", self.review),
                               ("--disagreement-threshold", self.disagreement)):
-            if not 0.0 <= value <= 1.0:
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise UsageError(f"{option} must be a probability between 0 and 1, got {value}.")
+        if self.ood is not None and not self.ood >= 0.0:
+            raise UsageError(f"--ood-threshold must be an ood_score of 0 or more, got {self.ood}.")
+
+    def for_bundle(self, bundle: Bundle | None) -> Thresholds:
+        """Every threshold set: the run's own, else the bundle's fitted value, else the default."""
+        return replace(self, **{name: value for name, (value, _) in self.sources(bundle).items()})
+
+    def sources(self, bundle: Bundle | None) -> dict[str, tuple[Any, str]]:
+        """``name -> (value, where it came from)``: "run" (command line or job file), "bundle" or "default"."""
+        fitted = bundle.operating_points if bundle else OperatingPoints()
+        candidates = {
+            "malignant": (fitted.malignant, DEFAULT_MALIGNANT_THRESHOLD),
+            "review": (fitted.review, DEFAULT_REVIEW_THRESHOLD),
+            "disagreement": (fitted.disagreement, DEFAULT_DISAGREEMENT_THRESHOLD),
+            "ood": (bundle.ood.threshold if bundle and bundle.ood else None, None),
+            "top_class": (fitted.top_class_disagreement, True),
+        }
+        out: dict[str, tuple[float | None, str]] = {}
+        for field in fields(self):
+            own, (from_bundle, default) = getattr(self, field.name), candidates[field.name]
+            out[field.name] = (own, "run") if own is not None else (
+                (from_bundle, "bundle") if from_bundle is not None else (default, "default"))
+        return out
 
 
 def member_matrix(member_probabilities: Mapping[str, np.ndarray], bundle: Bundle) -> np.ndarray:
@@ -84,9 +127,10 @@ def ensemble(member_probabilities: Mapping[str, np.ndarray], bundle: Bundle) -> 
     return _weighted_mean(member_matrix(member_probabilities, bundle), bundle)
 
 
-def decision(probabilities: np.ndarray, bundle: Bundle) -> dict[str, Any]:
-    """Predicted class, its probability, and the summed probability of the malignant classes."""
-    top = int(np.argmax(probabilities))
+def decision(probabilities: np.ndarray, bundle: Bundle, top: int | None = None) -> dict[str, Any]:
+    """Predicted class (``top``, else the most probable), its probability, and the summed probability of
+    the malignant classes."""
+    top = int(np.argmax(probabilities)) if top is None else top
     malignant = [bundle.classes.index(c) for c in bundle.malignant_classes]
     return {
         "predicted_class": bundle.classes[top],
@@ -118,16 +162,18 @@ def max_divergence(distributions: np.ndarray) -> float:
     return min(max(worst, 0.0), 1.0)
 
 
-def disagree(distributions: np.ndarray, thresholds: Thresholds) -> tuple[bool, float]:
-    """Whether the rows' top classes differ or their divergence reaches the threshold, and the divergence."""
+def disagree(distributions: np.ndarray, thresholds: Thresholds, top_class: bool = True) -> tuple[bool, float]:
+    """Whether the rows' divergence reaches the threshold (or, with ``top_class``, their top classes differ),
+    and the divergence."""
     divergence = max_divergence(distributions)
     tops = set(np.argmax(np.asarray(distributions), axis=1).tolist())
-    return (len(tops) > 1 or divergence >= thresholds.disagreement), divergence
+    return ((top_class and len(tops) > 1) or divergence >= thresholds.for_bundle(None).disagreement), divergence
 
 
 def _flags(malignant: bool, reasons: Iterable[str]) -> dict[str, str]:
     unique = list(dict.fromkeys(reasons))
-    flags = ([FLAG_MALIGNANT] if malignant else []) + ([FLAG_REVIEW] if unique else [])
+    flags = ([FLAG_MALIGNANT] if malignant else []) + ([FLAG_REVIEW] if unique else []) + (
+        [FLAG_OOD] if FLAG_OOD in unique else [])
     return {"flags": SEPARATOR.join(flags), "review_reasons": SEPARATOR.join(unique)}
 
 
@@ -155,7 +201,8 @@ def image_columns(bundle: Bundle) -> list[str]:
     """images.csv / Images sheet columns; the order is the report's contract (see README, 'Reports')."""
     return ["source", "frame", "sha256", "lesion_id", "lesion_source", *IDENTITY_COLUMNS, *bundle.classes,
             "predicted_class", "confidence", "malignant_probability",
-            *(member_column(m.name) for m in bundle.members), "member_divergence", "quality", "flags", "review_reasons",
+            *(member_column(m.name) for m in bundle.members), "member_divergence", "quality",
+            *(["ood_score"] if bundle.ood else []), "flags", "review_reasons",
             "bundle_name", "bundle_version"]
 
 
@@ -170,22 +217,28 @@ def image_row(
     scored: Scored, bundle: Bundle, thresholds: Thresholds = Thresholds(), lesion_maps: Sequence[LesionMap] = ()
 ) -> dict[str, Any]:
     """One images.csv row: identity, ensemble probabilities, decision, per-member top class and flags."""
+    thresholds = thresholds.for_bundle(bundle)
     members = member_matrix(scored.member_probabilities, bundle)
-    probabilities = _weighted_mean(members, bundle)
+    balanced = _weighted_mean(members, bundle)
+    probabilities = calibrate(balanced, bundle.calibration)
     ref = scored.ref
     lesion_id, lesion_source = lesion_identity(ref, lesion_maps)
     row: dict[str, Any] = {"source": ref.location, "frame": ref.frame, "sha256": ref.sha256,
                            "lesion_id": lesion_id, "lesion_source": lesion_source}
     row.update({key: _text(ref.attributes.get(key)) for key in IDENTITY_COLUMNS})
     row.update({code: float(p) for code, p in zip(bundle.classes, probabilities)})
-    row.update(decision(probabilities, bundle))
+    row.update(decision(probabilities, bundle, top=int(np.argmax(balanced))))
     for member, member_probabilities in zip(bundle.members, members):
         row[member_column(member.name)] = bundle.classes[int(np.argmax(member_probabilities))]
-    members_disagree, row["member_divergence"] = disagree(members, thresholds)
+    members_disagree, row["member_divergence"] = disagree(members, thresholds, bool(thresholds.top_class))
     poor = quality.problems(ref.quality, bundle.members)
     row["quality"] = quality.label(poor, SEPARATOR)
+    if bundle.ood:  # the column exists only for bundles with a detector: older bundles' rows stay as they were
+        row["ood_score"] = scored.ood_score
+    out_of_distribution = scored.ood_score is not None and thresholds.ood is not None and scored.ood_score > thresholds.ood
     reasons = (["low-confidence"] if row["confidence"] < thresholds.review else []) + (
-        ["members-disagree"] if members_disagree else []) + ([POOR_QUALITY] if poor else [])
+        ["members-disagree"] if members_disagree else []) + ([POOR_QUALITY] if poor else []) + (
+        [FLAG_OOD] if out_of_distribution else [])
     row.update(_flags(row["malignant_probability"] >= thresholds.malignant, reasons))
     row["bundle_name"] = bundle.name
     row["bundle_version"] = bundle.version
@@ -209,18 +262,20 @@ def lesion_rows(
     image_rows: Iterable[Mapping[str, Any]], bundle: Bundle, thresholds: Thresholds = Thresholds()
 ) -> list[dict[str, Any]]:
     """One row per lesion id, in order of first appearance, from the image rows (see module docstring)."""
+    thresholds = thresholds.for_bundle(bundle)
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in image_rows:
         groups.setdefault(str(row["lesion_id"]), []).append(row)
     out = []
     for lesion_id, rows in groups.items():
         images = np.array([[float(r[c]) for c in bundle.classes] for r in rows], dtype=np.float64)
-        probabilities = images.mean(axis=0)
+        balanced = uncalibrate(images, bundle.calibration).mean(axis=0)
+        probabilities = calibrate(balanced, bundle.calibration)
         lesion: dict[str, Any] = {"lesion_id": lesion_id, "lesion_source": rows[0]["lesion_source"],
                                   "n_images": len(rows), "patient_id": _common(rows, "patient_id"),
                                   "body_site": _common(rows, "body_site")}
         lesion.update({code: float(p) for code, p in zip(bundle.classes, probabilities)})
-        lesion.update(decision(probabilities, bundle))
+        lesion.update(decision(probabilities, bundle, top=int(np.argmax(balanced))))
         images_disagree, lesion["image_divergence"] = disagree(images, thresholds)
         malignant = lesion["malignant_probability"] >= thresholds.malignant
         reasons = ["low-confidence"] if lesion["confidence"] < thresholds.review else []

@@ -27,6 +27,7 @@ RESIZE_METHODS = ("bilinear", "bicubic", "lanczos", "nearest")
 DEFAULT_BUNDLE = "ham10000-ensemble"
 MODELS_ENV = "DERMSCORE_MODELS"
 ENTRY_POINT_GROUP = "dermscore.bundles"
+CALIBRATION_METHODS = ("temperature", "class-temperature")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,44 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling of the ensemble's log-probabilities, fitted on validation by training/.
+
+    ``temperatures`` holds one value (global temperature scaling: the ranking of the classes within an
+    image never changes) or one per class (the per-class variant).
+    """
+
+    method: str
+    temperatures: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    """The out-of-distribution detector: its statistics file (hashed like the weights) and threshold."""
+
+    file: str
+    sha256: str
+    views: str  # how members average their features over views: "none" or "flips" (dermscore.features)
+    threshold: float
+    method: str
+
+
+@dataclass(frozen=True)
+class OperatingPoints:
+    """Decision thresholds fitted on validation; each one the user does not override comes from here."""
+
+    malignant: float | None = None
+    review: float | None = None
+    disagreement: float | None = None
+    # Whether members whose top classes differ are flagged whatever their divergence (dermscore's rule
+    # before fitted operating points; the shipped members differ on a third of images, too many to review).
+    top_class_disagreement: bool | None = None
+    # What the fitted thresholds gave on the test split (sensitivity, specificity, share flagged, ...),
+    # shown in the workbook's Run sheet; figures only, never used to score.
+    test_figures: dict[str, float] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A parsed manifest plus where it lives; weights are loaded by ``dermscore.infer``."""
 
@@ -55,6 +94,9 @@ class Bundle:
     members: tuple[Member, ...]
     intended_use: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    ood: OodSpec | None = None
+    operating_points: OperatingPoints = OperatingPoints()
 
     def member_path(self, member: Member) -> Path:
         return self.path / member.file
@@ -69,6 +111,11 @@ class Bundle:
         digest = hashlib.sha256()
         for member in self.members:
             digest.update(f"{member.name}:{member.sha256}:{member.weight}:{member.input_size}".encode())
+        # What changes scores besides the weights; absent in older bundles, whose identity stays as it was.
+        fitted = self.operating_points if self.operating_points != OperatingPoints() else None
+        for extra in (self.calibration, self.ood, fitted):
+            if extra is not None:
+                digest.update(repr(extra).encode())
         return f"{self.name}@{self.version}#{digest.hexdigest()[:16]}"
 
 
@@ -170,6 +217,50 @@ def _parse_member(raw: dict[str, Any], where: Path) -> Member:
     )
 
 
+def _probability(raw: dict[str, Any], key: str, where: Path) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+        raise BundleError(f"{where}: {key} must be a probability between 0 and 1, got {value!r}.")
+    return float(value)
+
+
+def _parse_calibration(raw: Any, classes: int, where: Path) -> Calibration | None:
+    if raw is None:
+        return None
+    method = str(_require(raw, "method", where))
+    value = _require(raw, "temperature", where)
+    temperatures = tuple(float(t) for t in (value if isinstance(value, list) else [value]))
+    if method not in CALIBRATION_METHODS or len(temperatures) not in (1, classes) or min(temperatures) <= 0:
+        raise BundleError(
+            f"{where}: calibration must be one of {CALIBRATION_METHODS} with a positive temperature "
+            f"(one, or one per class), got {raw!r}. Refit it with `python -m training calibrate`."
+        )
+    return Calibration(method, temperatures)
+
+
+def _parse_ood(raw: Any, where: Path) -> OodSpec | None:
+    if raw is None:
+        return None
+    return OodSpec(
+        file=str(_require(raw, "file", where)),
+        sha256=str(_require(raw, "sha256", where)).lower(),
+        views=str(raw.get("views", "none")),
+        threshold=float(_require(raw, "threshold", where)),
+        method=str(_require(raw, "method", where)),
+    )
+
+
+def _parse_operating_points(raw: Any, where: Path) -> OperatingPoints:
+    raw = raw or {}
+    thresholds = (_probability(raw, f"{k}_threshold", where) for k in ("malignant", "review", "disagreement"))
+    figures = {k: float(v) for k, v in (raw.get("test") or {}).items() if isinstance(v, int | float)}
+    top_class = raw.get("members_disagree_on_top_class")
+    return OperatingPoints(*thresholds, top_class_disagreement=None if top_class is None else bool(top_class),
+                           test_figures=figures)
+
+
 def read_bundle(path: Path | str) -> Bundle:
     """Parse and validate a manifest without touching the weight files (cheap: for listings)."""
     folder = Path(path)
@@ -202,20 +293,25 @@ def read_bundle(path: Path | str) -> Bundle:
         members=members,
         intended_use=str(manifest.get("intended_use", "")),
         provenance=dict(manifest.get("provenance", {})),
+        calibration=_parse_calibration(manifest.get("calibration"), len(classes), manifest_path),
+        ood=_parse_ood(manifest.get("ood"), manifest_path),
+        operating_points=_parse_operating_points(manifest.get("operating_points"), manifest_path),
     )
 
 
 def verify_bundle(bundle: Bundle) -> None:
-    """Refuse any member whose file is missing or whose sha256 differs from the manifest."""
-    for member in bundle.members:
-        file = bundle.member_path(member)
+    """Refuse any member (or OOD statistics) file that is missing or whose sha256 differs from the manifest."""
+    files = [(bundle.member_path(m), m.sha256, f"weight file of member '{m.name}'") for m in bundle.members]
+    if bundle.ood is not None:
+        files.append((bundle.path / bundle.ood.file, bundle.ood.sha256, "OOD statistics file"))
+    for file, expected, what in files:
         if not file.is_file():
-            raise BundleError(f"{file}: weight file of member '{member.name}' is missing from bundle {bundle.name}.")
+            raise BundleError(f"{file}: {what} is missing from bundle {bundle.name}.")
         actual = sha256_file(file)
-        if actual != member.sha256:
+        if actual != expected:
             raise BundleError(
-                f"{file}: sha256 {actual} does not match {member.sha256} recorded in {MANIFEST}; "
-                "the weights were changed or damaged. Reinstall or retrain the bundle; never edit the hash."
+                f"{file}: sha256 {actual} does not match {expected} recorded in {MANIFEST}; "
+                f"the {what} was changed or damaged. Reinstall or retrain the bundle; never edit the hash."
             )
 
 
@@ -276,6 +372,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Bundle:
         raw["input_size"] = list(raw["input_size"])
         members.append(raw)
     manifest["members"] = members
+    if manifest.get("ood"):
+        manifest["ood"] = {**manifest["ood"], "sha256": sha256_file(folder / manifest["ood"]["file"])}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(folder / MANIFEST)

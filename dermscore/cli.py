@@ -43,9 +43,10 @@ def run(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
     lesion_map: Annotated[Optional[Path], typer.Option(help="CSV with columns image,lesion_id: images of one lesion.")] = None,
     metadata: Annotated[Optional[Path], typer.Option(help="HAM10000-style CSV with image_id (file stem) and lesion_id.")] = None,
-    malignant_threshold: Annotated[Optional[float], typer.Option(help="Flag 'malignant' at this malignant probability (default 0.30).")] = None,
-    review_threshold: Annotated[Optional[float], typer.Option(help="Flag 'review' when the top probability is below this (default 0.50).")] = None,
-    disagreement_threshold: Annotated[Optional[float], typer.Option(help="Flag 'review' when members/images diverge this much, Jensen-Shannon in bits (default 0.20).")] = None,
+    malignant_threshold: Annotated[Optional[float], typer.Option(help="Flag 'malignant' at this malignant probability (default: the bundle's operating point, else 0.30).")] = None,
+    review_threshold: Annotated[Optional[float], typer.Option(help="Flag 'review' when the top probability is below this (default: the bundle's operating point, else 0.50).")] = None,
+    disagreement_threshold: Annotated[Optional[float], typer.Option(help="Flag 'review' when members/images diverge this much, Jensen-Shannon in bits (default: the bundle's, else 0.20).")] = None,
+    ood_threshold: Annotated[Optional[float], typer.Option(help="Flag 'out-of-distribution' above this ood_score (default: the bundle's; needs a bundle with an OOD detector).")] = None,
     thumbnails: Annotated[bool, typer.Option(help="Embed a small picture of each lesion in report.xlsx.")] = False,
     pseudonymize: Annotated[bool, typer.Option(help="Replace patient identifiers with a keyed hash (needs a key).")] = False,
     pseudonym_key_file: Annotated[Optional[Path], typer.Option(help="File with the secret key for --pseudonymize (else $DERMSCORE_PSEUDONYM_KEY).")] = None,
@@ -84,7 +85,7 @@ def run(
     from dermscore.run import run as run_job
 
     threshold_options = {"malignant": "malignant_threshold", "review": "review_threshold",
-                         "disagreement": "disagreement_threshold"}
+                         "disagreement": "disagreement_threshold", "ood": "ood_threshold"}
     ray_options = {"address": "ray_address", "replicas": "replicas", "gpus_per_replica": "gpus_per_replica",
                    "cpus_per_replica": "cpus_per_replica"}
     native_logs.apply(verbose)
@@ -180,6 +181,14 @@ def models(
         )
     if bundle.intended_use:
         typer.echo(f"intended use: {bundle.intended_use}")
+    from dermscore.aggregate import Thresholds
+
+    applied = Thresholds().sources(bundle)
+    typer.echo("thresholds: " + ", ".join(f"{k} {v:g} ({src})" for k, (v, src) in applied.items()
+                                          if isinstance(v, float)))
+    if bundle.calibration:
+        typer.echo(f"calibration: {bundle.calibration.method}, T = "
+                   + ", ".join(f"{t:.3f}" for t in bundle.calibration.temperatures))
     metrics = bundle.provenance.get("metrics")
     if metrics:
         typer.echo("metrics: " + json.dumps(metrics)[:2000])

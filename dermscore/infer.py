@@ -22,7 +22,9 @@ import numpy as np
 from dermscore.bundle import Bundle, Member
 from dermscore.decode import decode_source
 from dermscore.errors import BundleError, InputError
+from dermscore.features import output_list
 from dermscore.gate.quality import measure
+from dermscore.ood import OodDetector
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.records import Failure, Frame, ImageRef, Scored, Source
 from dermscore.runtime import DEFAULT_BATCH, Runtime, configure, decode_workers, resolve_backend, with_precision
@@ -57,14 +59,23 @@ class Predictor:
     """Every member of a bundle, loaded once; maps member inputs to member probabilities."""
 
     def __init__(
-        self, bundle: Bundle, batch_size: int = DEFAULT_BATCH["cpu"], runtime: Runtime | None = None
+        self,
+        bundle: Bundle,
+        batch_size: int = DEFAULT_BATCH["cpu"],
+        runtime: Runtime | None = None,
+        feature_views: str | None = None,
     ) -> None:
+        """``feature_views`` makes the members return their features too (``dermscore.features``); it
+        defaults to the bundle's ``ood.views``, and training passes it to fit a detector for a bundle
+        that has none yet. Without either, the members and their ONNX cache are exactly as before."""
         self.runtime = runtime or Runtime()
+        self.feature_views = feature_views or (bundle.ood.views if bundle.ood else None)
         self.device = configure(self.runtime)
         self.backend = resolve_backend(self.runtime, self.device)
         self.bundle = bundle
         self.batch_size = batch_size
         self.models = self._load_models()
+        self.detector = OodDetector.load(bundle)
         # ONNX Runtime sessions are sized to a share of the cores each (load_onnx_members) and run on
         # these threads at the same time; Keras members run one after the other on TensorFlow's pools.
         members = len(bundle.members)
@@ -88,13 +99,18 @@ class Predictor:
         """
 
         def keras_member(member: Member) -> Any:
-            return load_member(self.bundle.member_path(member), self.runtime)
+            model = load_member(self.bundle.member_path(member), self.runtime)
+            if self.feature_views is None:
+                return model
+            from dermscore.features import feature_member
+
+            return feature_member(model, member, self.feature_views)
 
         if self.backend == "onnx":
             from dermscore.onnx_backend import load_onnx_members
 
             try:
-                return load_onnx_members(self.bundle, keras_member)
+                return load_onnx_members(self.bundle, keras_member, self.feature_views)
             except BundleError as exc:
                 if self.runtime.backend == "onnx":
                     raise
@@ -103,7 +119,11 @@ class Predictor:
         return {m.name: keras_member(m) for m in self.bundle.members}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``batch[member]`` is (n, h, w, 3) float32 with n <= batch_size; returns ``member -> (n, classes)``."""
+        """``batch[member]`` is (n, h, w, 3) float32 with n <= batch_size; returns ``member -> (n, classes)``.
+
+        A bundle with an OOD detector also gets ``features_key(member) -> (n, features)``: the member's
+        penultimate-layer features from the same forward pass (``dermscore.features``).
+        """
         padded = {}
         for member in self.bundle.members:
             x = batch[member.name]
@@ -111,12 +131,12 @@ class Predictor:
                 x = np.concatenate([x, np.zeros((self.batch_size - len(x), *x.shape[1:]), dtype=x.dtype)])
             padded[member.name] = x
 
-        def probabilities(name: str, x: np.ndarray) -> np.ndarray:
-            return np.asarray(self.models[name].predict_on_batch(x), dtype=np.float64)
+        def outputs(name: str, x: np.ndarray) -> list[np.ndarray]:
+            return output_list(self.models[name].predict_on_batch(x))
 
         n = len(next(iter(batch.values())))
         if not self._side_by_side:
-            return {name: probabilities(name, x)[:n] for name, x in padded.items()}
+            return self._named({name: outputs(name, x) for name, x in padded.items()}, n)
         # Each member's batch in halves on the shared threads: a thread that finishes the cheaper member
         # takes a half of the costlier one instead of waiting for it. One thread per member with its
         # whole batch left a core idle while the slower member finished; on our 2-core Xeon halves were
@@ -125,8 +145,31 @@ class Predictor:
         half = -(-self.batch_size // 2)
         starts = range(0, self.batch_size, half)
         chunks = [(name, x[i:i + half]) for name, x in padded.items() for i in starts]
-        outputs = self._side_by_side.map(lambda chunk: probabilities(*chunk), chunks)
-        return {name: np.concatenate([next(outputs) for _ in starts])[:n] for name in padded}
+        results = self._side_by_side.map(lambda chunk: outputs(*chunk), chunks)
+        halves = {name: [next(results) for _ in starts] for name in padded}
+        return self._named({name: [np.concatenate(parts) for parts in zip(*h)] for name, h in halves.items()}, n)
+
+    @staticmethod
+    def _named(outputs: dict[str, list[np.ndarray]], n: int) -> dict[str, np.ndarray]:
+        """Each member's outputs (probabilities, then features if any) under their keys, padding cut off."""
+        named = {}
+        for name, (probabilities, *features) in outputs.items():
+            named[name] = probabilities[:n]
+            if features:
+                named[features_key(name)] = features[0][:n]
+        return named
+
+
+def ood_scores(outputs: dict[str, np.ndarray], predictor: Predictor) -> np.ndarray | None:
+    """The batch's ood_score from the Predictor's outputs; None for a bundle without a detector."""
+    if predictor.detector is None:
+        return None
+    return predictor.detector.score({m: outputs[features_key(m)] for m in predictor.detector.members})
+
+
+def features_key(member_name: str) -> str:
+    """The Predictor's output key for a member's features (member names never contain '/')."""
+    return f"{member_name}/features"
 
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
@@ -177,8 +220,10 @@ def score(
 
     def flush() -> Iterator[Scored]:
         outputs = predictor(stack_inputs([inputs for _, inputs in batch], bundle.members))
+        ood = ood_scores(outputs, predictor)
         for i, (ref, _) in enumerate(batch):
-            yield Scored(ref, {name: probs[i] for name, probs in outputs.items()})
+            probabilities = {m.name: outputs[m.name][i] for m in bundle.members}
+            yield Scored(ref, probabilities, None if ood is None else float(ood[i]))
         batch.clear()
 
     window = max(2 * predictor.batch_size, 4 * workers)

@@ -404,6 +404,7 @@ def encode_scored(scored: Scored) -> str:
             "lesion_id": scored.ref.lesion_id,
             "attributes": scored.ref.attributes,
             "quality": scored.ref.quality,
+            **({"ood_score": scored.ood_score} if scored.ood_score is not None else {}),
         },
         default=str,  # DICOM values (PersonName, MultiValue) are kept as the text a report shows
     )
@@ -420,7 +421,8 @@ def decode_scored(location: str, frame: int, sha: str, result: str, thumbnail: b
         thumbnail=thumbnail,
         quality=data.get("quality"),  # absent in rows written before quality was measured
     )
-    return Scored(ref, {name: np.asarray(p, dtype=np.float64) for name, p in data["members"].items()})
+    members = {name: np.asarray(p, dtype=np.float64) for name, p in data["members"].items()}
+    return Scored(ref, members, data.get("ood_score"))  # rows written before OOD scores read back as None
 
 
 def connect(path: Path) -> sqlite3.Connection:

@@ -28,6 +28,7 @@ import numpy as np
 
 from dermscore.bundle import Bundle, Member, sha256_file
 from dermscore.errors import BundleError
+from dermscore.features import output_list
 from dermscore.preprocess import prepare
 from dermscore.report.files import atomic_path
 
@@ -97,11 +98,15 @@ class OnnxModel:
         self.input_name = model_input.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in model_input.shape)
 
-    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Probabilities; ``[probabilities, features]`` for a member exported with its features."""
+        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
-def load_onnx_members(bundle: Bundle, load_keras: Callable[[Member], Any]) -> dict[str, OnnxModel]:
+def load_onnx_members(
+    bundle: Bundle, load_keras: Callable[[Member], Any], feature_views: str | None = None
+) -> dict[str, OnnxModel]:
     """Every member as an ONNX Runtime session, exporting (with ``load_keras``) those not cached yet.
 
     The Predictor runs the members side by side, so each session gets its share of the physical cores:
@@ -111,12 +116,19 @@ def load_onnx_members(bundle: Bundle, load_keras: Callable[[Member], Any]) -> di
     member's time (DenseNet201's concatenations) does not spread over threads.
     """
     threads = max(1, physical_cores() // len(bundle.members))
-    return {m.name: OnnxModel(cached_export(bundle, m, load_keras), threads) for m in bundle.members}
+    outputs = "probabilities" if feature_views is None else f"probabilities+features:{feature_views}"
+    return {m.name: OnnxModel(cached_export(bundle, m, load_keras, outputs), threads) for m in bundle.members}
 
 
-def cache_key(member: Member) -> str:
-    """The member's weights plus every version that shapes the exported graph or its numerics."""
-    versions = json.dumps({"format": EXPORT_FORMAT, "opset": OPSET, **tool_versions()}, sort_keys=True)
+def cache_key(member: Member, outputs: str = "probabilities") -> str:
+    """The member's weights, its outputs, and every version that shapes the exported graph or its numerics.
+
+    A bundle without an OOD detector keys exactly as before, so its existing cache is reused.
+    """
+    shape = {"format": EXPORT_FORMAT, "opset": OPSET, **tool_versions()}
+    if outputs != "probabilities":
+        shape["outputs"] = outputs
+    versions = json.dumps(shape, sort_keys=True)
     return f"{member.sha256[:32]}-{hashlib.sha256(versions.encode()).hexdigest()[:12]}"
 
 
@@ -124,10 +136,13 @@ def tool_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in KEYED_VERSIONS}
 
 
-def cached_export(bundle: Bundle, member: Member, load_keras: Callable[[Member], Any]) -> Path:
+def cached_export(
+    bundle: Bundle, member: Member, load_keras: Callable[[Member], Any], outputs: str = "probabilities"
+) -> Path:
     """The checked ONNX file for ``member``: the cached one if intact, else a fresh export.
 
-    Concurrent runs take a per-member lock, so one exports while the others wait and then reuse it.
+    ``feature_views`` (see ``Predictor``) exports the two-output member ``load_keras`` returns, cached
+    under its own key. Concurrent runs take a per-member lock, so one exports while the others wait and then reuse it.
     """
     folder = cache_dir() / "onnx"
     try:
@@ -137,7 +152,7 @@ def cached_export(bundle: Bundle, member: Member, load_keras: Callable[[Member],
             f"cannot create the ONNX cache folder {folder} ({exc.strerror or exc}); set {CACHE_ENV} to a "
             "writable folder or run with --backend keras."
         ) from exc
-    key = cache_key(member)
+    key = cache_key(member, outputs)
     path, note_path = folder / f"{key}.onnx", folder / f"{key}.json"
     with _locked(folder / f"{key}.lock"):
         if _intact(path, note_path):
@@ -169,7 +184,7 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
     import tensorflow as tf
 
     probe = np.stack([prepare(image, (member,))[member.name] for image in probe_images()])
-    expected = np.asarray(model.predict_on_batch(probe), dtype=np.float64)
+    expected = output_list(model.predict_on_batch(probe))
     where = f"{bundle.member_path(member)} (member '{member.name}' of {bundle.name})"
     with atomic_path(path) as tmp:
         try:
@@ -178,11 +193,12 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 model.export(str(tmp), format="onnx", verbose=False, input_signature=signature, opset_version=OPSET)
-            got = OnnxModel(tmp, physical_cores()).predict_on_batch(probe)
+            got = output_list(OnnxModel(tmp, physical_cores()).predict_on_batch(probe))
         except Exception as exc:  # tf2onnx raises whatever its converters raise; name it and move on
             raise BundleError(f"{where}: the ONNX export failed ({type(exc).__name__}: {exc}). "
                               "Run with --backend keras.") from exc
-        diff = float(np.abs(got - expected).max())
+        # Features are not bounded like probabilities: they are held to the tolerance relative to their size.
+        diff = max(float(np.abs(g - e).max() / max(1.0, np.abs(e).max())) for g, e in zip(got, expected, strict=True))
         if not diff <= PROBE_TOLERANCE:
             raise BundleError(
                 f"{where}: the ONNX export differs from Keras by {diff:.2e} on a probe batch (more than "

@@ -83,7 +83,12 @@ class Failure:
 
 @dataclass
 class Scored:
-    """An image's per-member probabilities (class order of the bundle); the ensemble is aggregate's job."""
+    """An image's per-member probabilities (class order of the bundle); the ensemble is aggregate's job.
+
+    ``ood_score`` (``dermscore.ood``) is computed right after inference from the members' features, which
+    are not kept; None for a bundle without an OOD detector.
+    """
 
     ref: ImageRef
     member_probabilities: dict[str, np.ndarray]
+    ood_score: float | None = None

@@ -245,7 +245,9 @@ def _report(
             thumbnails.setdefault(rows[-1]["lesion_id"], result.ref.thumbnail)
     summary.reported = len(rows)
     info = RunInfo(started=started, finished=datetime.now(timezone.utc), command_line=shlex.join(sys.argv),
-                   inputs=[str(Path(p).resolve()) for p in options.inputs], thresholds=options.thresholds,
+                   inputs=[str(Path(p).resolve()) for p in options.inputs],
+                   thresholds=options.thresholds.for_bundle(bundle),
+                   threshold_sources={k: v for k, (_, v) in options.thresholds.sources(bundle).items()},
                    lesion_maps=[f"{m.kind}: {m.path}" for m in lesion_maps], pseudonymized=key is not None,
                    **environment(summary.device, options.engine, summary.backend))
     failures = ledger.failures(bundle.identity, new_only)

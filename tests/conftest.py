@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -91,3 +93,53 @@ def sample_images() -> list[Path]:
 
 def image_array(seed: int = 0, size: tuple[int, int] = (60, 80)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+PER_SIDE = {"train": 8, "val": 4, "test": 3}  # images per class and side
+
+
+def write_split(folder: Path) -> None:
+    """A real lesion-disjoint split.csv over HAM10000 images: a few images of each class on each side."""
+    with open(SMALL_200 / "HAM10000_metadata.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    taken: dict[tuple[str, str], int] = {}
+    side_of_lesion: dict[str, str] = {}
+    chosen = []
+    for row in rows:
+        side = side_of_lesion.get(row["lesion_id"]) or next(
+            (s for s, n in PER_SIDE.items() if taken.get((row["dx"], s), 0) < n), None)
+        if side is None:
+            continue
+        side_of_lesion[row["lesion_id"]] = side
+        taken[(row["dx"], side)] = taken.get((row["dx"], side), 0) + 1
+        chosen.append({"image_id": row["image_id"], "lesion_id": row["lesion_id"], "dx": row["dx"], "split": side})
+    with open(folder / "split.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=("image_id", "lesion_id", "dx", "split"))
+        writer.writeheader()
+        writer.writerows(chosen)
+
+
+@pytest.fixture(scope="session")
+def fitted_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A flip-averaged tiny random-weights bundle with a real HAM10000 split ("plain") and its copy fitted by
+    ``python -m training calibrate`` ("bundle": calibration, OOD detector, operating points)."""
+    import keras
+
+    from training.cli import main
+    from training.export import flip_averaged
+
+    root = tmp_path_factory.mktemp("fitted")
+    members = []
+    for i, spec in enumerate(SMALL_MEMBERS):
+        raw = build_small_member(root / f"raw{i}.keras", tuple(spec["input_size"]), seed=i)
+        flip_averaged(keras.models.load_model(raw, compile=False)).save(root / f"tta{i}.keras")
+        members.append(dict(spec, model_file=str(root / f"tta{i}.keras")))
+    # The shipped bundle's provenance (metrics, training, ensemble with tta), so the model card renders in full.
+    shipped = json.loads((REPO / "models" / "ham10000-ensemble" / "bundle.json").read_text())["provenance"]
+    plain = make_bundle(root / "plain", members, provenance=shipped)
+    write_split(plain)
+    bundle = root / "bundle"
+    shutil.copytree(plain, bundle)
+    assert main(["calibrate", "--bundle", str(bundle), "--data", str(SMALL_200), "--work", str(root / "work"),
+                 "--version", "0.0.2-test", "--train-limit", "0", "--ood-crops", "1"]) == 0
+    return {"plain": plain, "bundle": bundle, "work": root / "work"}

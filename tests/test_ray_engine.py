@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from conftest import SMALL_200
 from dermscore.bundle import Bundle, load_bundle
 from dermscore.cli import app
-from dermscore.discover import discover
+from dermscore.discover import discover, file_source
 from dermscore.engines import RayOptions
 from dermscore.engines.ray import CRASH_MARKER_ENV, score_on_ray
 from dermscore.errors import BundleError, UsageError
@@ -134,6 +134,17 @@ def test_a_node_whose_bundle_copy_differs_stops_the_run_with_the_bundle_error(
 
     with pytest.raises(BundleError, match="does not match"):
         list(score_on_ray(discover([mixed_folder]), bundle, BATCH))
+
+
+def test_ood_scores_match_the_local_engine(fitted_bundle: dict[str, Path]) -> None:
+    """A bundle with an OOD detector: the actors return the same ood_score as the local engine."""
+    fitted = load_bundle(fitted_bundle["bundle"])
+    sources = [file_source(p) for p in sorted((SMALL_200 / "images").glob("*.jpg"))[:6]]
+    local = list(score(sources, Predictor(fitted, BATCH)))
+    on_ray = list(score_on_ray(sources, fitted, BATCH))
+    assert [r.ref.location for r in on_ray] == [r.ref.location for r in local]
+    assert all(r.ood_score is not None for r in on_ray)
+    assert [r.ood_score for r in on_ray] == pytest.approx([r.ood_score for r in local], rel=1e-6)
 
 
 def test_bad_resources_are_usage_errors_before_any_work() -> None:

@@ -59,6 +59,7 @@ def _common(data: Path, work: Path) -> list[str]:
     return [
         *("--data", str(data), "--work", str(work), "--batch-size", "8", "--steps-per-epoch", "2", "--patience", "5"),
         "--eager",  # a few steps: compiling the training graphs would take longer than running them
+        *("--ood-crops", "1"),  # export's calibrate: the non-dermoscopic set without crops is enough here
     ]
 
 
@@ -152,8 +153,12 @@ def test_exported_bundle_loads_and_scores_like_training(pipeline):
     assert bundle.provenance["split"]["file"] == "split.csv" and (bundle.path / "split.csv").is_file()
     card = (bundle.path / "MODEL_CARD.md").read_text()
     assert "not a diagnosis" in card.lower() and "balanced accuracy" in card
-    for name in ("confusion_ensemble.png", "confusion_ensemble.csv", "learning_curves.png"):
+    for name in ("confusion_ensemble.png", "confusion_ensemble.csv", "learning_curves.png", "reliability.png",
+                 "ood_scores.png"):
         assert (bundle.path / "figures" / name).is_file()
+    # export ends with calibrate: a new bundle gets calibration, OOD detector and operating points too
+    assert bundle.calibration is not None and bundle.ood is not None and bundle.ood.views == "none"
+    assert bundle.operating_points.malignant is not None and "## Out-of-distribution" in card
 
     # Scoring's way: load without compiling, prepare with dermscore.preprocess, get probabilities.
     image = next((pipeline["data"] / "HAM10000_images_part_1").glob("ISIC_00*.jpg"))

@@ -6,7 +6,9 @@
     python -m training train --member inceptionv3   # resumes automatically from its last checkpoint
     python -m training ensemble   # member weights fitted on validation
     python -m training evaluate   # test metrics, confusion matrices
-    python -m training export     # bundle folder for dermscore
+    python -m training export     # bundle folder for dermscore (then calibrate on it)
+    python -m training calibrate --bundle models/ham10000-ensemble   # calibration, OOD detector, operating
+                                  # points fitted from a bundle's own split; rewrites it as --version
     python -m training all        # everything above, both members
 
 Everything intermediate goes to ``--work`` (default ``training-work/``); only ``export`` writes the
@@ -36,11 +38,19 @@ def _size(text: str) -> tuple[int, int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("index", "split", "eda", "train", "ensemble", "evaluate", "export", "all"))
+    parser.add_argument("step", choices=("index", "split", "eda", "train", "ensemble", "evaluate", "export", "calibrate", "all"))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with HAM10000_metadata.csv and images")
     parser.add_argument("--metadata", type=Path, help="metadata CSV (default: DATA/HAM10000_metadata.csv)")
     parser.add_argument("--work", type=Path, default=REPO / "training-work", help="working folder (checkpoints, logs)")
     parser.add_argument("--out", type=Path, help="bundle folder for export (default: models/ham10000-ensemble)")
+    parser.add_argument("--bundle", type=Path, help="bundle folder for calibrate (default: --out, else the default bundle)")
+    parser.add_argument(
+        "--train-limit",
+        type=int,
+        default=2000,
+        help="calibrate: training images scored for the OOD statistics (a seeded random subset; 0 = all)",
+    )
+    parser.add_argument("--ood-crops", type=int, default=12, help="calibrate: random crops per non-dermoscopic image")
     parser.add_argument("--member", choices=MEMBERS, action="append", help="member(s) to train; default both")
     parser.add_argument(
         "--preset",

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from dermscore.features import flip_views, mean_over_views
 from training.models import build_classifier
 from training.train import TrainConfig
 
@@ -56,12 +57,11 @@ def flip_averaged(model: keras.Model) -> keras.Model:
     times the compute. Uses only built-in Keras ops, so the saved file loads without custom objects.
     """
     inputs = keras.Input(model.input_shape[1:], name="image")
-    views = [inputs, ops.flip(inputs, axis=2), ops.flip(inputs, axis=1), ops.flip(inputs, axis=(1, 2))]
+    views = flip_views(inputs)  # the views dermscore.features averages the member's features over, too
     # One call on the four views stacked along the batch: one copy of the network in the graph, so an
     # ONNX export takes as long as the plain member's (four copies took tf2onnx 2.5x-6x longer).
     probabilities = model(ops.concatenate(views, axis=0))
-    outputs = ops.mean(ops.reshape(probabilities, (4, -1, probabilities.shape[-1])), axis=0)
-    return keras.Model(inputs, outputs, name=model.name)
+    return keras.Model(inputs, mean_over_views(probabilities, len(views)), name=model.name)
 
 
 def _halve_h5(raw: bytes) -> bytes:

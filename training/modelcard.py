@@ -137,6 +137,7 @@ def render(manifest: dict) -> str:
                 f"best validation balanced accuracy {stage['best_val_balanced_accuracy']:.3f} at epoch {stage['best_epoch']}; "
                 f"trained on {' / '.join(stage['machines']) or 'a machine that was not recorded'}."
             )
+    lines += _fitted_sections(manifest)
     lines += [
         "",
         f"Weights storage: {prov['weights_storage']['summary']}",
@@ -151,3 +152,101 @@ def render(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.1f}%"
+
+
+def _fitted_sections(manifest: dict) -> list[str]:
+    """Calibration, operating points and OOD detection, for bundles fitted by ``python -m training calibrate``."""
+    calibration, points, ood = manifest.get("calibration"), manifest.get("operating_points"), manifest.get("ood")
+    if not (calibration and points and ood):
+        return []
+    fitted = manifest["provenance"].get("fitted_from_bundle", {})
+    where = f"measured {fitted.get('date', 'n/a')[:10]} on {fitted.get('machine', 'a machine not recorded')}"
+    test = calibration["test"]
+    temperatures = calibration["temperature"]
+    t_text = f"T = {temperatures:.3f}" if isinstance(temperatures, float | int) else (
+        "T per class = " + ", ".join(f"{c} {t:.2f}" for c, t in zip(CLASS_CODES, temperatures)))
+    nll = calibration["validation_nll"]
+    lines = [
+        "",
+        "## Calibration",
+        "",
+        f"Temperature scaling of the prior-corrected ensemble, `softmax(log p / T)`, fitted on the validation split by "
+        f"negative log-likelihood: **{calibration['method']}, {t_text}** (validation NLL {nll['uncalibrated']:.3f} "
+        f"uncalibrated" + "".join(f"; held-out 5-fold NLL {k.split('_held')[0]} {v:.3f}" for k, v in nll.items()
+                                   if k != "uncalibrated") + "). "
+        f"dermscore applies it to the class probabilities, confidence and malignant probability; `predicted_class` "
+        f"stays the top class of the uncalibrated prior-corrected ensemble (the balanced decision rule), and "
+        f"`confidence` is the calibrated probability of that class ({test['predicted_class_changed']} of the "
+        f"test images would get another top class from the calibrated probabilities)."
+        + (f" The variant with the lower held-out NLL is used; the other ({calibration['not_chosen']['method']}) "
+           f"would give a test ECE of "
+           f"{calibration['not_chosen']['test_expected_calibration_error']:.3f}." if "not_chosen" in calibration
+           else " Too few validation images per class to judge one temperature per class on held-out folds."),
+        "",
+        "| test split | ECE (15 bins) | mean confidence | accuracy |",
+        "| --- | --- | --- | --- |",
+        f"| uncalibrated | {test['expected_calibration_error_before']:.3f} | {test['mean_confidence_before']:.3f} | "
+        f"{test['accuracy']:.3f} |",
+        f"| calibrated | {test['expected_calibration_error_after']:.3f} | {test['mean_confidence_after']:.3f} | "
+        f"{test['accuracy']:.3f} |",
+        "",
+        f"Reliability diagram: `figures/reliability.png` ({where}).",
+        "",
+        "## Operating points",
+        "",
+        f"Fitted on validation: malignant threshold **{points['malignant_threshold']:.3f}** on the calibrated malignant "
+        f"probability (the highest with validation sensitivity >= {points['sensitivity_target']:.2f} for "
+        f"{', '.join(manifest['malignant_classes'])}); review when the calibrated confidence is below "
+        f"**{points['review_threshold']:.3f}**, the members disagree (Jensen-Shannon divergence "
+        f">= **{points['disagreement_threshold']:.2f}**"
+        + (", or different top classes" if points["members_disagree_on_top_class"] else
+           "; different top classes alone no longer flag") + "), or the image is out-of-distribution: the rule catching the "
+        f"most validation errors while flagging at most {_pct(points['max_review_share'])} of validation images. "
+        "Command-line thresholds override each of these.",
+        "",
+        "| split | images | malignant sensitivity | malignant specificity | flagged for review | wrong predictions "
+        "flagged |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for side in ("val", "test"):
+        f = points[side]
+        lines.append(f"| {side} | {f['images']} | {_pct(f['sensitivity'])} | {_pct(f['specificity'])} | "
+                     f"{_pct(f['share_flagged'])} | {_pct(f['errors_caught'])} of {f['errors']} |")
+    result = ood["test"]
+    lines += [
+        "",
+        "## Out-of-distribution detection",
+        "",
+        "`ood_score`: Mahalanobis distance of the members' penultimate-layer features (concatenated"
+        + (", averaged over the flipped views as the probabilities are" if ood["views"] == "flips" else "")
+        + ") to the nearest class mean of the training split, with a shared Ledoit-Wolf covariance, divided by the "
+        f"square root of the feature count. Fitted on {ood['fitted_on']['train_images']} training images (a seeded "
+        f"random subset where fewer than the split's, to bound the CPU time of scoring them); threshold **{ood['threshold']:.3f}** = {ood['threshold_rule']}. Statistics in "
+        f"`{ood['file']}` (sha256 in the manifest).",
+        "",
+        f"Against {result['non_dermoscopic_images']} non-dermoscopic images built from what installed packages ship "
+        "(scikit-image photographs and grey-scale images, pydicom CT/MR/NM/US test slices, matplotlib sample data "
+        "and rendered charts and text screens, each with random crops; `training/ood_set.py`): AUROC "
+        f"**{result['auroc_against_non_dermoscopic']:.3f}** against the HAM10000 test split; at the threshold "
+        f"**{_pct(result['share_of_test_flagged'])}** of the test images and {_pct(result['share_of_non_dermoscopic_flagged'])} "
+        f"of the non-dermoscopic images are flagged ({where}).",
+        "",
+        "| score | AUROC | test images flagged | non-dermoscopic flagged |",
+        "| --- | --- | --- | --- |",
+        *(f"| {name} | {m['auroc']:.3f} | {_pct(m['test_flagged'])} | {_pct(m['non_dermoscopic_flagged'])} |"
+          for name, m in ood["comparison"].items()),
+        "",
+        f"(Each score at its own threshold: the same percentile of its validation scores.) Per category of the "
+        "non-dermoscopic set (shipped score, bundle threshold):",
+        "",
+        "| category | images | AUROC | flagged |",
+        "| --- | --- | --- | --- |",
+        *(f"| {c} | {v['images']} | {v['auroc']:.3f} | {_pct(v['flagged'])} |" for c, v in ood["per_category"].items()),
+        "",
+        "Score distributions: `figures/ood_scores.png`.",
+    ]
+    return lines

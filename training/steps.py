@@ -223,6 +223,10 @@ INTENDED_USE = (
     "Research decision support for dermatoscopic images of pigmented skin lesions: ranking and triage studies, "
     "method development. Not a diagnosis and not a medical device; a clinician decides."
 )
+UNCALIBRATED = (  # replaced by training.fit_bundle once calibration and operating points are fitted
+    "Probabilities are not calibrated for clinical thresholds (see ECE); "
+    "sensitivity/specificity trade-offs must be validated locally."
+)
 STRONGER_BUNDLE = (
     "On a machine with a GPU and internet: `python -m training all --preset gpu` trains both members from "
     "ImageNet weights at 299x299 (InceptionV3) and 224x224 (DenseNet201), a 3-epoch head phase then full "
@@ -402,8 +406,7 @@ def run_export(args: argparse.Namespace) -> dict:
                 "non-pigmented lesions) are forced into one of the seven.",
                 "Rare classes (df, vasc, akiec) have few test images, so their recall figures are uncertain by "
                 "+-10 points or more.",
-                "Probabilities are not calibrated for clinical thresholds (see ECE); "
-                "sensitivity/specificity trade-offs must be validated locally.",
+                UNCALIBRATED,
             ],
             "stronger_bundle": STRONGER_BUNDLE,
         },
@@ -412,7 +415,18 @@ def run_export(args: argparse.Namespace) -> dict:
     (staging / "MODEL_CARD.md").write_text(modelcard.render(manifest), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     staging.replace(out)
+    args.bundle = out
     return {
         "bundle": out,
         **{n: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]} for n, r in results.items()},
+        "calibrate": run_calibrate(args),  # a new bundle gets calibration, OOD detector and operating points too
     }
+
+
+def run_calibrate(args: argparse.Namespace) -> dict:
+    """Calibration, OOD detector and operating points fitted from a bundle's own split (``training.fit_bundle``)."""
+    from dermscore.bundle import DEFAULT_BUNDLE, models_dir  # noqa: PLC0415
+    from training.fit_bundle import fit_bundle  # noqa: PLC0415
+
+    bundle = Path(args.bundle or args.out or models_dir() / DEFAULT_BUNDLE)
+    return fit_bundle(bundle, args.data, args.work, args.version, args.train_limit or None, args.ood_crops)

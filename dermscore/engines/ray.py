@@ -32,7 +32,7 @@ from dermscore.bundle import Bundle, verify_bundle
 from dermscore.engines import EngineError, RayOptions
 from dermscore.errors import DermscoreError, UsageError
 from dermscore.discover import read_file
-from dermscore.infer import Predictor, decode_and_prepare
+from dermscore.infer import Predictor, decode_and_prepare, ood_scores
 from dermscore.records import Failure, ImageRef, Scored, Source
 from dermscore.runtime import Runtime
 
@@ -43,6 +43,7 @@ MAX_RETRIES = 3  # bounded, so a worker that dies on every attempt fails the run
 BLOCK_BYTES = 64 * 2**20  # inputs read on the driver are shipped in blocks of about this size
 INPUT = "x/"  # column prefixes: member inputs and member probabilities, keyed by member name
 PROBABILITIES = "p/"
+OOD_SCORE = "ood_score"  # NaN where the bundle has no detector (or the row failed)
 
 
 def score_on_ray(
@@ -112,6 +113,10 @@ class EnsembleActor:
             if predicted:
                 probabilities[ok] = predicted[member.name]
             out[PROBABILITIES + member.name] = probabilities
+        out[OOD_SCORE] = np.full(len(ok), np.nan)
+        ood = ood_scores(predicted, self.predictor) if predicted else None
+        if ood is not None:
+            out[OOD_SCORE][ok] = ood
         return out
 
     def _crash_if_asked(self) -> None:
@@ -261,7 +266,9 @@ def _gather(
         if isinstance(record, Failure):
             yield record
         else:
-            yield Scored(record, {m.name: np.array(row[PROBABILITIES + m.name]) for m in bundle.members})
+            ood = float(row[OOD_SCORE])
+            probabilities = {m.name: np.array(row[PROBABILITIES + m.name]) for m in bundle.members}
+            yield Scored(record, probabilities, None if np.isnan(ood) else ood)
     yield from until(float("inf"))
 
 

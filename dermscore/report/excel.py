@@ -192,8 +192,8 @@ def _summary_sheet(
         ("Run time", info.seconds / 86400.0, DURATION),
         ("Started (UTC)", _iso(info.started), None),
         ("Bundle", f"{bundle.name} {bundle.version}", None),
-        ("Malignant threshold", info.thresholds.malignant, PERCENT),
-        ("Review below confidence", info.thresholds.review, PERCENT),
+        ("Malignant threshold", info.thresholds.for_bundle(bundle).malignant, PERCENT),
+        ("Review below confidence", info.thresholds.for_bundle(bundle).review, PERCENT),
     ]
     for label, value, fmt in facts:
         ws.append([_cell(ws, label), _cell(ws, value, fmt)])
@@ -206,6 +206,39 @@ def _summary_sheet(
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+THRESHOLD_LABELS = {
+    "malignant": ("Malignant threshold (malignant flag)", PERCENT),
+    "review": ("Review threshold (top probability below)", PERCENT),
+    "disagreement": ("Disagreement threshold (Jensen-Shannon, bits)", DIVERGENCE),
+    "ood": ("Out-of-distribution threshold (ood_score above)", DIVERGENCE),
+}
+SOURCE_WORDS = {"run": "set for this run", "bundle": "the bundle's operating point", "default": "default"}
+OPERATING_FIGURES = {  # the bundle's test figures for its operating points (training/operating_points.py)
+    "sensitivity": "Bundle test: malignant sensitivity at its threshold",
+    "specificity": "Bundle test: malignant specificity at its threshold",
+    "share_flagged": "Bundle test: share of images flagged for review",
+    "errors_caught": "Bundle test: share of wrong predictions flagged for review",
+    "ood_share_flagged": "Bundle test: share of dermoscopic images flagged out-of-distribution",
+}
+
+
+def _threshold_items(bundle: Bundle, info: RunInfo) -> list[tuple[str, Any, str | None]]:
+    """Each threshold as applied, where it came from, calibration, and the bundle's test figures."""
+    applied = info.thresholds.for_bundle(bundle)
+    items: list[tuple[str, Any, str | None]] = []
+    for name, (label, fmt) in THRESHOLD_LABELS.items():
+        value = getattr(applied, name)
+        if value is not None:
+            source = SOURCE_WORDS.get(info.threshold_sources.get(name, ""), "not recorded")
+            items += [(label, value, fmt), (f"{label.split(' (')[0]} from", source, None)]
+    calibration = bundle.calibration
+    items.append(("Calibration", "none (uncalibrated ensemble probabilities)" if calibration is None else
+                  f"{calibration.method}, T = {', '.join(f'{t:.3f}' for t in calibration.temperatures)}", None))
+    figures = bundle.operating_points.test_figures
+    items += [(label, figures[key], PERCENT) for key, label in OPERATING_FIGURES.items() if key in figures]
+    return items
 
 
 def _run_sheet(wb: Workbook, bundle: Bundle, info: RunInfo) -> None:
@@ -233,9 +266,7 @@ def _run_sheet(wb: Workbook, bundle: Bundle, info: RunInfo) -> None:
         ("Started (UTC)", _iso(info.started), None),
         ("Finished (UTC)", _iso(info.finished), None),
         ("Run time (seconds)", round(info.seconds, 3), None),
-        ("Malignant threshold (malignant flag)", info.thresholds.malignant, PERCENT),
-        ("Review threshold (top probability below)", info.thresholds.review, PERCENT),
-        ("Disagreement threshold (Jensen-Shannon, bits)", info.thresholds.disagreement, DIVERGENCE),
+        *_threshold_items(bundle, info),
         ("Patient identifiers pseudonymised", "yes (HMAC-SHA256)" if info.pseudonymized else "no", None),
     ]
     ws.append(_header(ws, ["Item", "Value"]))
@@ -262,8 +293,9 @@ def write_workbook(
     wb = Workbook(write_only=True)
     _summary_sheet(wb, bundle, images, lesions, errors, skipped, info)
     pictures = [thumbnails.get(str(r["lesion_id"])) for r in lesions.rows] if thumbnails else []
-    _table_sheet(wb, lesions, info.thresholds, pictures)
-    _table_sheet(wb, images, info.thresholds)
+    applied = info.thresholds.for_bundle(bundle)
+    _table_sheet(wb, lesions, applied, pictures)
+    _table_sheet(wb, images, applied)
     _table_sheet(wb, errors)
     _table_sheet(wb, skipped)
     _run_sheet(wb, bundle, info)

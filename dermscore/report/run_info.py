@@ -23,7 +23,8 @@ class RunInfo:
     finished: datetime
     command_line: str
     inputs: list[str]
-    thresholds: Thresholds = field(default_factory=Thresholds)
+    thresholds: Thresholds = field(default_factory=Thresholds)  # as the run applied them (``for_bundle``)
+    threshold_sources: dict[str, str] = field(default_factory=dict)  # name -> "run", "bundle" or "default"
     device: str = "unknown"
     inference: str = "unknown"  # which runtime computed the probabilities (ONNX Runtime or Keras)
     tensorflow_version: str = "unknown"
