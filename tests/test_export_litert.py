@@ -110,3 +110,26 @@ def test_a_bundle_with_a_field_the_export_does_not_carry_is_refused(small_bundle
     assert result.exit_code == 4, result.output
     assert "members[inceptionv3].colour_constancy" in result.output and "not exported" in result.output
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_fitted_bundle_exports_its_calibration_and_thresholds_and_says_the_ood_check_is_not_carried(
+    fitted_bundle: dict[str, Path], tmp_path: Path
+) -> None:
+    from dermscore.aggregate import Thresholds
+    from dermscore.bundle import load_bundle
+    from dermscore.calibration import calibrate
+
+    bundle = load_bundle(fitted_bundle["bundle"])
+    result = CliRunner().invoke(app, ["export", str(bundle.path), "--format", "litert", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    described = json.loads((tmp_path / "out" / "litert.json").read_text())
+    assert described["calibration"]["temperatures"] == list(bundle.calibration.temperatures)
+    fitted = Thresholds().for_bundle(bundle)
+    assert described["thresholds"]["malignant"] == fitted.malignant == bundle.operating_points.malignant
+    assert described["thresholds"]["review"] == bundle.operating_points.review
+    assert "ood" in described["not_carried"]
+    # The rule as litert.json states it gives dermscore's calibrated probabilities.
+    p = np.array([[0.05, 0.1, 0.2, 0.05, 0.3, 0.25, 0.05]])
+    t = np.array(described["calibration"]["temperatures"])
+    q = np.exp(np.log(p) / t)
+    np.testing.assert_allclose(q / q.sum(), calibrate(p, bundle.calibration), atol=1e-12)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from dermscore import __version__
-from dermscore.aggregate import DEFAULT_DISAGREEMENT_THRESHOLD, DEFAULT_MALIGNANT_THRESHOLD, DEFAULT_REVIEW_THRESHOLD
+from dermscore.aggregate import Thresholds
 from dermscore.bundle import MANIFEST, Bundle, Member, sha256_file
 from dermscore.errors import BundleError, UsageError
 from dermscore.onnx_backend import PROBE_TOLERANCE, probe_images
@@ -35,11 +35,11 @@ from dermscore.report.run_info import DISCLAIMER
 from dermscore.runtime import Runtime
 
 FORMATS = ("litert",)
-# The manifest fields litert.json carries (or that do not change a score). A bundle with any other field
-# (a new preprocessing step, calibration, ...) is refused: an app given only these files would score it
-# differently from dermscore, and nobody would notice.
+# The manifest fields litert.json carries (or that do not change a score; ``ood`` is named under
+# ``not_carried``, see not_carried). A bundle with any other field (a new preprocessing step, ...) is
+# refused: an app given only these files would score it differently from dermscore, and nobody would notice.
 KNOWN_FIELDS = {"format_version", "name", "version", "classes", "malignant_classes", "members", "intended_use",
-                "provenance"}
+                "provenance", "calibration", "operating_points", "ood"}
 KNOWN_MEMBER_FIELDS = {"name", "architecture", "file", "input_size", "preprocessing", "resize", "weight", "sha256"}
 LITERT_JSON = "litert.json"
 JSON_FORMAT = "dermscore-litert/1"
@@ -162,13 +162,38 @@ def describe(bundle: Bundle, members: list[dict[str, Any]], probes: int) -> dict
             "how": "p = sum over members of weight * member softmax output (weights sum to 1); predicted class = "
                    "argmax p; malignant_probability = sum of p over malignant_classes",
         },
-        "thresholds": {"malignant": DEFAULT_MALIGNANT_THRESHOLD, "review": DEFAULT_REVIEW_THRESHOLD,
-                       "disagreement": DEFAULT_DISAGREEMENT_THRESHOLD},
+        "calibration": calibration_rule(bundle),
+        # The bundle's fitted operating points where it has them, else dermscore's defaults: what `run` uses.
+        "thresholds": {name: value for name, (value, _) in Thresholds().sources(bundle).items()},
+        "not_carried": not_carried(bundle),
         "check": {"tolerance": PROBE_TOLERANCE, "probe_images": probes,
                   "what": "each float32 file against its Keras member on the same preprocessed probe batch"},
         "intended_use": bundle.intended_use,
         "statement": DISCLAIMER,
     }
+
+
+def calibration_rule(bundle: Bundle) -> dict[str, Any] | None:
+    """How an app turns the ensemble mean into the calibrated probabilities dermscore reports (None: none)."""
+    if bundle.calibration is None:
+        return None
+    return {"method": bundle.calibration.method, "temperatures": list(bundle.calibration.temperatures),
+            "how": "q = softmax(log(p) / T) with T per class (one value: the same T for every class), p the "
+                   "ensemble mean; the class columns, confidence and malignant_probability are taken from q, "
+                   "predicted class stays argmax p"}
+
+
+def not_carried(bundle: Bundle) -> dict[str, str]:
+    """What dermscore computes for this bundle that the LiteRT files cannot, said in litert.json.
+
+    The OOD detector needs each member's penultimate features and the bundle's statistics file, which the
+    exported classifiers do not output: an app gets the same probabilities and flags except
+    ``out-of-distribution``, and must say so to its users rather than imply the check was made.
+    """
+    if bundle.ood is None:
+        return {}
+    return {"ood": "the out-of-distribution check (ood_score, flag out-of-distribution) is not in these files; "
+                   "an app scoring with them does not detect images unlike the training data"}
 
 
 def export_litert(bundle: Bundle, out: Path, float16: bool = False,
@@ -184,6 +209,9 @@ def export_litert(bundle: Bundle, out: Path, float16: bool = False,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     members = [export_member(bundle, member, out, images, float16) for member in bundle.members]
+    for name, what in not_carried(bundle).items():
+        warnings.warn(f"{bundle.name} {bundle.version}: {what} (recorded under not_carried in {LITERT_JSON}).",
+                      RuntimeWarning, stacklevel=2)
     path = out / LITERT_JSON
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(describe(bundle, members, len(images)), indent=2) + "\n", encoding="utf-8")
