@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import REPO, SMALL_200
-from dermscore.aggregate import FLAG_OOD, Thresholds, image_row
+from dermscore.aggregate import FLAG_OOD, SOURCE_HEADER, Thresholds, image_row
 from dermscore.bundle import Calibration, OperatingPoints, load_bundle, read_bundle
 from dermscore.cli import app
 from dermscore.discover import file_source
@@ -92,9 +92,10 @@ def test_a_bundle_without_the_new_fields_gives_todays_rows(small_bundle: Path) -
     members = {"inceptionv3": np.array([0.05, 0.05, 0.05, 0.05, 0.34, 0.41, 0.05]),
                "densenet201": np.array([0.10, 0.10, 0.10, 0.10, 0.10, 0.40, 0.10])}
     row = image_row(Scored(ImageRef("x.jpg", "0" * 64), members), bundle)
-    # The columns and values as before this change (0.30 / 0.50 / 0.20 defaults, plain weighted mean).
+    # The columns and values as before this change (0.30 / 0.50 / 0.20 defaults, plain weighted mean); the
+    # image-quality column and the SR's header key are the gate's and the SR writer's, not calibration's.
     assert list(row)[list(row).index("top_class_densenet201") + 1:] == [
-        "member_divergence", "flags", "review_reasons", "bundle_name", "bundle_version"]
+        "member_divergence", "quality", "flags", "review_reasons", "bundle_name", "bundle_version", SOURCE_HEADER]
     mean = (members["inceptionv3"] + members["densenet201"]) / 2
     assert [row[c] for c in bundle.classes] == pytest.approx(mean.tolist(), abs=0)
     assert row["confidence"] == mean.max() and row["malignant_probability"] == pytest.approx(mean[[0, 1, 4]].sum())
