@@ -181,22 +181,37 @@ def test_ood_scores_round_trip_through_the_ledger_and_old_rows_read_none() -> No
     assert decode_scored("a.jpg", -1, "f" * 64, old).ood_score is None
 
 
-def test_the_shipped_bundle_flags_photographs_but_not_dermoscopic_test_images(tmp_path: Path) -> None:
-    """The shipped detector end to end (Keras backend: the ONNX export would take minutes in a fresh cache)."""
+def test_a_mixed_folder_scores_dermoscopy_flags_photographs_and_skips_radiology(tmp_path: Path) -> None:
+    """Issue #16's end-to-end case with the shipped bundle: HAM10000 test images are scored unflagged,
+    photographs are flagged out-of-distribution, CT and MR DICOM are listed in skipped.csv, exit code 0
+    (Keras backend: the ONNX export would take minutes in a fresh cache)."""
+    import pydicom.data
     import skimage.data
 
     shipped = REPO / "models" / "ham10000-ensemble"
+    folder = tmp_path / "mixed"
+    folder.mkdir()
     with open(shipped / "split.csv", newline="", encoding="utf-8") as handle:
         test_ids = [r["image_id"] for r in csv.DictReader(handle) if r["split"] == "test"][:3]
+    for image_id in test_ids:
+        shutil.copy(SMALL_200 / "images" / f"{image_id}.jpg", folder)
     photos = {"coffee.png": skimage.data.coffee(), "astronaut.png": skimage.data.astronaut()}
     for name, rgb in photos.items():
-        Image.fromarray(rgb).save(tmp_path / name)
-    paths = [SMALL_200 / "images" / f"{i}.jpg" for i in test_ids] + [tmp_path / n for n in photos]
+        Image.fromarray(rgb).save(folder / name)
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(pydicom.data.get_testdata_file(name), folder / name)
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(folder), "--out", str(out), "--backend", "keras", "--no-progress"])
+    assert result.exit_code == 0, result.output
     bundle = load_bundle(shipped)
-    rows = [image_row(r, bundle) for r in _scored(shipped, paths, "keras")]
-    flagged = {Path(r["source"]).name: FLAG_OOD in r["flags"].split(";") for r in rows}
+    rows = pd.read_csv(out / "images.csv")
+    flagged = {Path(s).name: FLAG_OOD in str(f).split(";") for s, f in zip(rows["source"], rows["flags"])}
     assert flagged == {**{f"{i}.jpg": False for i in test_ids}, **{n: True for n in photos}}
-    assert all(r["ood_score"] > bundle.ood.threshold for r in rows[3:])
+    assert (rows.loc[rows["source"].str.endswith(".png"), "ood_score"] > bundle.ood.threshold).all()
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert sorted(Path(s).name for s in skipped["source"]) == ["CT_small.dcm", "MR_small.dcm"]
+    assert set(skipped["category"]) == {"modality CT", "modality MR"}
 
 
 def test_a_lesion_of_one_image_repeats_its_calibrated_image_row(small_bundle: Path) -> None:
