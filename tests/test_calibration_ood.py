@@ -137,7 +137,7 @@ def test_ood_scores_reach_the_reports_and_flag_above_the_threshold(fitted_bundle
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "r" / "images.csv", keep_default_na=False)
     columns = list(table.columns)
-    assert columns[columns.index("member_divergence") + 1] == "ood_score"
+    assert columns[columns.index("member_divergence") + 1:columns.index("member_divergence") + 3] == ["quality", "ood_score"]
     threshold = load_bundle(fitted_bundle["bundle"]).ood.threshold
     assert len(table) == 5 and (table["ood_score"].astype(float) > 0).all()
     for _, row in table.iterrows():
