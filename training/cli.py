@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         help="store exported weights as float16 (loaded back as float32)",
     )
     parser.add_argument("--version", default=time.strftime("%Y.%m.%d"), help="bundle version")
-    parser.add_argument("--stop-at", help="HH:MM UTC: end training after the last epoch that finishes before it")
+    parser.add_argument("--stop-at", help="HH:MM or HH:MM:SS UTC: end training after the last epoch that finishes before it")
     parser.add_argument(
         "--time-budget",
         type=float,

@@ -142,13 +142,13 @@ def member_run(args: argparse.Namespace, member: str) -> MemberRun:
 
 
 def _deadline(stop_at: str | None) -> float | None:
-    """'HH:MM' (UTC, today or, if already past, tomorrow) -> Unix time."""
+    """'HH:MM' or 'HH:MM:SS' (UTC, today or, if already past, tomorrow) -> Unix time."""
     if not stop_at:
         return None
-    hours, minutes = (int(v) for v in stop_at.split(":"))
+    hours, minutes, seconds = ([int(v) for v in stop_at.split(":")] + [0])[:3]
     now = time.time()
     midnight = now - now % 86400
-    deadline = midnight + hours * 3600 + minutes * 60
+    deadline = midnight + hours * 3600 + minutes * 60 + seconds
     return deadline if deadline > now else deadline + 86400
 
 
