@@ -19,7 +19,8 @@
 # W (work dir, fixed so `fetch` finds it), OUT, WHEELS (wheel folder to install first), STOP (minutes, 8.0),
 # LIMIT (seconds for the whole run, 560), WAIT_DN (seconds, 300), HELDOUT (source left out, rosendahl;
 # empty: no third run), HELDOUT_MEMBER (inceptionv3), PRESET (shift-gpu), EXTRA (more train args),
-# PART_SIZE (split size, 15m), SMOKE=1 (a CPU dry run of every step on tiny settings; see tests).
+# PART_SIZE (split size, 15m), SMOKE=1 (a dry run of every step on tiny settings, for the CPU: use it with
+# KERAS_BACKEND=tensorflow, as JAX runs DenseNet201 eagerly op by op; tests/test_gpu_run.py).
 set -u
 export PYTHONUNBUFFERED=1 KERAS_BACKEND=${KERAS_BACKEND:-jax} XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=3
 W=${W:-/tmp/tw}
@@ -47,9 +48,8 @@ HELDOUT_MEMBER=${HELDOUT_MEMBER:-inceptionv3}
 PRESET=${PRESET:-shift-gpu}
 EXTRA=${EXTRA:-}
 PART_SIZE=${PART_SIZE:-15m}
-if [ "${SMOKE:-0}" = 1 ]; then  # every step on the CPU in a minute or two: tiny inputs, two steps, one epoch
+if [ "${SMOKE:-0}" = 1 ]; then  # every step on the CPU: tiny inputs, two steps, one epoch (about 6 min here)
   EXTRA="$EXTRA --input-size 75x75 --batch-size 8 --steps-per-epoch 2 --epochs 1 --eager --no-mixed-precision"
-  WAIT_DN=${WAIT_DN_SMOKE:-600}
 fi
 if [ -n "${WHEELS:-}" ] && ! python3 -c "import keras" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
@@ -106,7 +106,7 @@ for m in densenet201 inceptionv3 ${HELDOUT:+$HELDOUT_MEMBER-without-$HELDOUT}; d
     cp "$W/members/$m/best.keras" "$W/$m.keras" && python3 -c "
 from pathlib import Path; from training.export import store_float16; store_float16(Path('$W/$m.keras'))" || exit 1
     (cd "$W" && sha256sum "$m.keras" >> "$W/ship/group1/SHA256SUMS")
-    (cd "$W/ship/group$group" && split -b "$PART_SIZE" -d "$W/$m.keras" "$m.keras.part")
+    (cd "$W/ship/group$group" && split -b "$PART_SIZE" -a 3 -d "$W/$m.keras" "$m.keras.part")
   else
     echo "$m: no best.keras (see $W/train-$m.log)"; tail -n 20 "$W/train-$m.log"
   fi

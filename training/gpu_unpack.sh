@@ -13,9 +13,9 @@ for F in "$@"; do
   if [ -f "$F/SHA256SUMS" ]; then cat "$F/SHA256SUMS" >> "$W/.sha256sums"; fi
 done
 for F in "$@"; do
-  for first in "$F"/*.keras.part00; do
+  for first in "$F"/*.keras.part000; do
     [ -e "$first" ] || continue
-    name=$(basename "$first" .part00)
+    name=$(basename "$first" .part000)
     cat "$F/$name".part* > "$W/$name"
     (cd "$W" && grep " $name\$" .sha256sums | sort -u | sha256sum -c -)
     mkdir -p "$W/members/${name%.keras}"
