@@ -15,6 +15,9 @@ NAMES = {
 }
 
 
+CONSTANCY_NAMES = {"shades_of_gray": "Shades of Gray"}
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None or value != value else f"{value:.3f}"
 
@@ -132,7 +135,7 @@ def render(manifest: dict) -> str:
         cc = manifest["colour_constancy"]
         lines += [
             "",
-            f"Colour constancy: every image is normalised with {cc['method'].replace('_', ' ').title()} (Minkowski p = "
+            f"Colour constancy: every image is normalised with {CONSTANCY_NAMES[cc['method']]} (Minkowski p = "
             f"{cc['p']:g}) after resizing and before each member's normalisation (manifest `colour_constancy`), as in "
             "training, so the light source and sensor tint of the dermoscope are divided out.",
         ]
