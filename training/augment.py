@@ -152,9 +152,11 @@ class DeviceJitter(keras.layers.Layer):
             blurred = ops.depthwise_conv(rows, ops.convert_to_tensor(np.tile(taps[None, :, None, None], (1, 1, 3, 1))))
             x = x + keras.random.uniform((n, 1, 1, 1), 0.0, 1.0, seed=self.generator) * (blurred - x)
         if self.white_balance:
-            x = x * keras.random.uniform((n, 1, 1, 3), 1 - self.white_balance, 1 + self.white_balance, seed=self.generator)
+            wb = self.white_balance
+            x = x * keras.random.uniform((n, 1, 1, 3), 1 - wb, 1 + wb, seed=self.generator)
         if self.gamma:
-            g = ops.exp(keras.random.uniform((n, 1, 1, 1), -math.log1p(self.gamma), math.log1p(self.gamma), seed=self.generator))
+            log_range = math.log1p(self.gamma)
+            g = ops.exp(keras.random.uniform((n, 1, 1, 1), -log_range, log_range, seed=self.generator))
             x = 255.0 * ops.power(ops.clip(x, 0.0, 255.0) / 255.0, g)
         return ops.clip(x, 0.0, 255.0)
 
@@ -224,7 +226,9 @@ def build_augmenter(
     return keras.Sequential(layers, name="augment")
 
 
-CUSTOM_OBJECTS = {"ColourJitter": ColourJitter, "TransposeCrop": TransposeCrop, "DeviceJitter": DeviceJitter, "Prepare": Prepare}
+CUSTOM_OBJECTS = {
+    "ColourJitter": ColourJitter, "TransposeCrop": TransposeCrop, "DeviceJitter": DeviceJitter, "Prepare": Prepare
+}
 
 
 def compile_on_jax(trainer: keras.Model) -> None:
