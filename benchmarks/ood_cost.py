@@ -38,7 +38,8 @@ def main() -> None:
     with_features = Predictor(bundle)
     without = Predictor(replace(bundle, ood=None))
     images = sorted(DATA.glob("*.jpg"))[: with_features.batch_size]
-    batch = stack_inputs([prepare(np.asarray(Image.open(p).convert("RGB")), bundle.members) for p in images],
+    batch = stack_inputs([prepare(np.asarray(Image.open(p).convert("RGB")), bundle.members, bundle.colour_constancy)
+                          for p in images],
                          bundle.members)
     for predictor in (with_features, without):  # warm-up
         predictor(batch)

@@ -124,7 +124,9 @@ def run_bench(
 
     from dermscore.decode import decode_source
 
-    prepared = [prepare(decode_source(file_source(p))[0].rgb, bundle.members) for p in paths[:batch_size]]
+    prepared = [
+        prepare(decode_source(file_source(p))[0].rgb, bundle.members, bundle.colour_constancy) for p in paths[:batch_size]
+    ]
     batch = stack_inputs(prepared, bundle.members)
     rows: list[tuple[str, str]] = []
     measured: list[tuple[str, list[Round]]] = []
@@ -146,7 +148,7 @@ def run_bench(
 
     def naive(count: int) -> None:
         for p in paths[:count]:
-            inputs = prepare(decode_source(file_source(p))[0].rgb, bundle.members)
+            inputs = prepare(decode_source(file_source(p))[0].rgb, bundle.members, bundle.colour_constancy)
             for member in bundle.members:
                 keras_models[member.name].predict(inputs[member.name][None], verbose=0)
 

@@ -24,6 +24,7 @@ CLASS_CODES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 DEFAULT_MALIGNANT = ("akiec", "bcc", "mel")
 PREPROCESSING_MODES = ("inception", "densenet")
 RESIZE_METHODS = ("bilinear", "bicubic", "lanczos", "nearest")
+COLOUR_CONSTANCY_METHODS = ("shades_of_gray",)
 DEFAULT_BUNDLE = "ham10000-ensemble"
 MODELS_ENV = "DERMSCORE_MODELS"
 ENTRY_POINT_GROUP = "dermscore.bundles"
@@ -83,6 +84,22 @@ class OperatingPoints:
 
 
 @dataclass(frozen=True)
+class ColourConstancy:
+    """The illuminant normalisation every member's input gets (manifest field ``colour_constancy``).
+
+    Shades of Gray with Minkowski norm ``p`` (Finlayson & Trezzi 2004; the normalisation the leading
+    ISIC 2018/2019 entries used): members trained on images whose light source and sensor tint were
+    divided out depend less on the dermoscope that took them.
+    """
+
+    method: str
+    p: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "p": self.p}
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A parsed manifest plus where it lives; weights are loaded by ``dermscore.infer``."""
 
@@ -97,6 +114,7 @@ class Bundle:
     calibration: Calibration | None = None
     ood: OodSpec | None = None
     operating_points: OperatingPoints = OperatingPoints()
+    colour_constancy: ColourConstancy | None = None  # None: images go to the members as decoded (older bundles)
 
     def member_path(self, member: Member) -> Path:
         return self.path / member.file
@@ -111,6 +129,8 @@ class Bundle:
         digest = hashlib.sha256()
         for member in self.members:
             digest.update(f"{member.name}:{member.sha256}:{member.weight}:{member.input_size}".encode())
+        if self.colour_constancy is not None:  # absent: the identity of a bundle made before the field existed
+            digest.update(f"colour_constancy:{self.colour_constancy.method}:{self.colour_constancy.p}".encode())
         # What changes scores besides the weights; absent in older bundles, whose identity stays as it was.
         fitted = self.operating_points if self.operating_points != OperatingPoints() else None
         for extra in (self.calibration, self.ood, fitted):
@@ -261,6 +281,20 @@ def _parse_operating_points(raw: Any, where: Path) -> OperatingPoints:
                            test_figures=figures)
 
 
+def _parse_colour_constancy(raw: Any, where: Path) -> ColourConstancy | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("method") not in COLOUR_CONSTANCY_METHODS:
+        raise BundleError(
+            f"{where}: colour_constancy must be an object with method one of {COLOUR_CONSTANCY_METHODS}, got {raw!r}. "
+            "Re-export the bundle with training/ or use a dermscore version that knows the method."
+        )
+    p = raw.get("p")
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 1 <= p <= 64:
+        raise BundleError(f"{where}: colour_constancy p (the Minkowski norm) must be a number from 1 to 64, got {p!r}.")
+    return ColourConstancy(method=raw["method"], p=float(p))
+
+
 def read_bundle(path: Path | str) -> Bundle:
     """Parse and validate a manifest without touching the weight files (cheap: for listings)."""
     folder = Path(path)
@@ -296,6 +330,7 @@ def read_bundle(path: Path | str) -> Bundle:
         calibration=_parse_calibration(manifest.get("calibration"), len(classes), manifest_path),
         ood=_parse_ood(manifest.get("ood"), manifest_path),
         operating_points=_parse_operating_points(manifest.get("operating_points"), manifest_path),
+        colour_constancy=_parse_colour_constancy(manifest.get("colour_constancy"), manifest_path),
     )
 
 

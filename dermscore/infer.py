@@ -196,7 +196,7 @@ def decode_and_prepare(item: Source | Failure, bundle: Bundle, thumbnails: bool 
         # Quality is measured here, in the decode threads of every engine, while the full pixels are at hand.
         refs = [replace(f.ref, quality=measure(f.rgb), thumbnail=make_thumbnail(f.rgb) if thumbnails else None)
                 for f in frames]
-        return [(ref, prepare(frame.rgb, bundle.members)) for ref, frame in zip(refs, frames)]
+        return [(ref, prepare(frame.rgb, bundle.members, bundle.colour_constancy)) for ref, frame in zip(refs, frames)]
     except InputError as exc:
         return Failure(item.location, exc.stage, str(exc))
     except Exception as exc:  # a decoder bug must cost one input, not the night's run

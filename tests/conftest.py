@@ -33,8 +33,11 @@ def build_small_member(path: Path, input_size: tuple[int, int], seed: int) -> Pa
     return path
 
 
-def make_bundle(folder: Path, members: list[dict], name: str = "test-bundle", provenance: dict | None = None) -> Path:
-    """Write a bundle folder whose members are small Keras models (or given .keras files)."""
+def make_bundle(
+    folder: Path, members: list[dict], name: str = "test-bundle", provenance: dict | None = None, **fields
+) -> Path:
+    """Write a bundle folder whose members are small Keras models (or given .keras files); ``fields`` are
+    further top-level manifest fields (e.g. ``colour_constancy``)."""
     from dermscore.bundle import write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,6 +59,7 @@ def make_bundle(folder: Path, members: list[dict], name: str = "test-bundle", pr
             "members": entries,
             "provenance": {"training_data": "none: random weights for tests", **(provenance or {})},
             "intended_use": "tests only",
+            **fields,
         },
     )
     return folder

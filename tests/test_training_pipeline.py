@@ -78,7 +78,8 @@ def pipeline(tmp_path_factory):
     assert main(["split", *common]) == 0
     assert main(["eda", *common]) == 0
     for member in ("inceptionv3", "densenet201"):
-        assert main(["train", *common, *_sizes(member), "--epochs", "1"]) == 0
+        # Colour constancy on: export must write it into the manifest (bundles without it: test_colour_constancy.py).
+        assert main(["train", *common, *_sizes(member), "--epochs", "1", "--colour-constancy", "6"]) == 0
     for step in ("ensemble", "evaluate", "export"):
         assert main([step, *common, "--out", str(out), "--version", "test"]) == 0
     return {"data": data, "work": work, "out": out}
@@ -128,7 +129,7 @@ def test_training_logs_curves_and_checkpoints(pipeline):
 def test_exported_bundle_loads_and_scores_like_training(pipeline):
     import keras
 
-    from dermscore.preprocess import normalize, resize
+    from dermscore.preprocess import prepare
     from PIL import Image
 
     bundle = load_bundle(pipeline["out"])  # verifies every member's sha256
@@ -150,9 +151,17 @@ def test_exported_bundle_loads_and_scores_like_training(pipeline):
         } <= set(result)
         assert set(result["per_class"]) == set(CLASS_CODES)
     assert "doi:10.1038/sdata.2018.161" in bundle.provenance["training_data"]["attribution"]
+    assert bundle.colour_constancy is not None and bundle.colour_constancy.p == 6.0
+    shift = bundle.provenance["shift"]
+    assert set(shift["models"]) == {"inceptionv3", "densenet201", "ensemble"}
+    evaluated = json.loads((pipeline["work"] / "evaluation" / "metrics.json").read_text())
+    assert evaluated["shift"] == shift  # evaluate's figures (float32 members) are the ones the card quotes
+    ensemble = shift["models"]["ensemble"]["device_shift"]["balanced_accuracy"]
+    assert ensemble["plain"] == evaluated["ensemble"]["balanced_accuracy"]
     assert bundle.provenance["split"]["file"] == "split.csv" and (bundle.path / "split.csv").is_file()
     card = (bundle.path / "MODEL_CARD.md").read_text()
     assert "not a diagnosis" in card.lower() and "balanced accuracy" in card
+    assert "another dermoscope" in card and "Shades of Gray" in card
     for name in ("confusion_ensemble.png", "confusion_ensemble.csv", "learning_curves.png", "reliability.png",
                  "ood_scores.png"):
         assert (bundle.path / "figures" / name).is_file()
@@ -166,7 +175,7 @@ def test_exported_bundle_loads_and_scores_like_training(pipeline):
     for member in bundle.members:
         model = keras.models.load_model(bundle.member_path(member), compile=False)
         assert all(w.dtype == "float32" for w in model.weights)  # float16 storage, float32 inference
-        x = normalize(resize(rgb, member.input_size, member.resize), member.preprocessing)[None]
+        x = prepare(rgb, [member], bundle.colour_constancy)[member.name][None]
         probs = np.asarray(model(x))
         assert probs.shape == (1, len(CLASS_CODES)) and probs.sum() == pytest.approx(1.0, abs=1e-4)
 

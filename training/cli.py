@@ -43,7 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--metadata", type=Path, help="metadata CSV (default: DATA/HAM10000_metadata.csv)")
     parser.add_argument("--work", type=Path, default=REPO / "training-work", help="working folder (checkpoints, logs)")
     parser.add_argument("--out", type=Path, help="bundle folder for export (default: models/ham10000-ensemble)")
-    parser.add_argument("--bundle", type=Path, help="bundle folder for calibrate (default: --out, else the default bundle)")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        help="calibrate: the bundle to fit (default: --out, else the default bundle); evaluate: score this bundle "
+        "on its own split.csv test images through dermscore (plain and device-shifted) instead of the work "
+        "folder's members",
+    )
     parser.add_argument(
         "--train-limit",
         type=int,
@@ -54,10 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--member", choices=MEMBERS, action="append", help="member(s) to train; default both")
     parser.add_argument(
         "--preset",
-        choices=("cpu", "scratch-gpu", "gpu"),
+        choices=("cpu", "scratch-gpu", "shift-cpu", "shift-gpu", "gpu"),
         default="cpu",
         help="cpu: from scratch, low resolution (the shipped DenseNet201); scratch-gpu: from scratch at 150x200 "
-        "(the shipped InceptionV3); gpu: ImageNet initialisation at 299/224",
+        "(the shipped InceptionV3); shift-gpu / shift-cpu: the device-robust recipe (colour constancy, 8 "
+        "rotations/flips, crops, white balance / gamma / blur, EMA) at 150x200 / the CPU sizes with DenseNet201 at "
+        "96x128; gpu: ImageNet initialisation at 299/224",
     )
     parser.add_argument("--input-size", type=_size, help="HEIGHTxWIDTH, e.g. 75x100")
     parser.add_argument("--init", help="imagenet, none, or a local backbone weights file")
@@ -71,6 +79,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-smoothing", type=float)
     parser.add_argument("--patience", type=int)
     parser.add_argument("--head-epochs", type=int)
+    recipe = parser.add_argument_group("recipe components (override the preset; 0 switches one off)")
+    recipe.add_argument("--colour-constancy", type=float, metavar="P", help="Shades of Gray Minkowski p (6)")
+    recipe.add_argument("--dihedral", action=argparse.BooleanOptionalAction, default=None, help="all 8 rotations/flips")
+    recipe.add_argument("--crop-scale", type=float, help="random resized crops down to this area fraction")
+    recipe.add_argument("--white-balance", type=float, help="per-channel gain range +-")
+    recipe.add_argument("--gamma", type=float, help="gamma in [1/(1+G), 1+G]")
+    recipe.add_argument("--blur", type=float, help="strongest Gaussian blur sigma in pixels")
+    recipe.add_argument("--rotation", type=float, help="random rotation range in turns (0.5: +-180 degrees)")
+    recipe.add_argument("--zoom", type=float, help="random zoom range +-")
+    recipe.add_argument("--ema-momentum", type=float, help="average the weights (EMA) with this momentum")
+    recipe.add_argument(
+        "--exclude-source",
+        help="leave this HAM10000 source (e.g. rosendahl) out of training and validation; the member trains in "
+        "members/<member>-without-<source> and evaluate reports it on every image of that source",
+    )
+    parser.add_argument(
+        "--sources", type=Path, help="per-image source CSV (default: DATA/HAM10000_sources.csv; absent: no per-source figures)"
+    )
     parser.add_argument("--eager", action="store_true", help="no graph compilation (smoke tests of a few steps)")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--seed", type=int, default=42, help="split and training seed")
@@ -90,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         help="store exported weights as float16 (loaded back as float32)",
     )
     parser.add_argument("--version", default=time.strftime("%Y.%m.%d"), help="bundle version")
-    parser.add_argument("--stop-at", help="HH:MM UTC: end training after the last epoch that finishes before it")
+    parser.add_argument("--stop-at", help="HH:MM or HH:MM:SS UTC: end training after the last epoch that finishes before it")
     parser.add_argument(
         "--time-budget",
         type=float,

@@ -32,22 +32,26 @@ def adjust(probs: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
     return adjusted / adjusted.sum(1, keepdims=True)
 
 
-def member_predictions(run: MemberRun, sides: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
-    """Validation and test probabilities of the member's best checkpoint, plain and flip-averaged; cached.
+def member_predictions(
+    run: MemberRun, sides: dict[str, np.ndarray], path: Path, which: tuple[str, ...] = ("val", "test")
+) -> dict[str, np.ndarray]:
+    """Probabilities of the member's best checkpoint on the ``which`` sides of ``run.images``, plain and
+    flip-averaged (``<side>_tta``); cached.
 
-    Computed in float32 whatever precision the member trained in: that is how dermscore scores.
+    Computed in float32 whatever precision the member trained in, with the member's colour constancy:
+    that is how dermscore scores.
     """
     if path.is_file() and path.stat().st_mtime >= (run.folder / "best.keras").stat().st_mtime:
         with np.load(path) as stored:
             return dict(stored)
     model = clean_member(run.folder / "best.keras", run.config)
     result = {}
-    for side in ("val", "test"):
+    for side in which:
         views = []
         for vertical, horizontal in FLIPS:
             images = run.images[:, ::-1] if vertical else run.images
             images = images[:, :, ::-1] if horizontal else images
-            views.append(predict(model, images, sides[side], run.config.preprocessing))
+            views.append(predict(model, images, sides[side], run.config.preprocessing, run.config.constancy))
         result[side] = views[0]
         result[f"{side}_tta"] = np.mean(views, axis=0)
     np.savez(path, **result)

@@ -15,6 +15,9 @@ NAMES = {
 }
 
 
+CONSTANCY_NAMES = {"shades_of_gray": "Shades of Gray"}
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None or value != value else f"{value:.3f}"
 
@@ -51,6 +54,58 @@ def _per_class_table(metrics: dict) -> list[str]:
     return lines
 
 
+def _na(value, counts: str = "") -> str:
+    return f"n/a ({counts})" if value is None else f"{value:.3f}"
+
+
+def shift_section(shift: dict, held_out: dict | None = None) -> list[str]:
+    """Device-shift and per-source tables (``training.shift.shift_report``), and held-out-source runs."""
+    ranges = shift["device_shift_ranges"]
+    lines = [
+        f"Test images by source: {', '.join(f'{s} {n}' for s, n in shift['sources'].items())}. Melanoma-vs-nevus AUC "
+        "uses the melanoma probability over the source's melanoma and nevus images (n/a with fewer than "
+        f"5 of either). The shifted copy imitates another dermoscope, settings drawn per image (seed {ranges['seed']}) "
+        f"from: white balance gains on red and blue {ranges['white_balance']}, gamma {ranges['gamma']}, vignetting "
+        f"(corner brightness lost) {ranges['vignetting']}, Gaussian blur sigma {ranges['blur_sigma']} px, resolution "
+        f"scale {ranges['resolution']}, JPEG quality {ranges['jpeg_quality']}.",
+        "",
+        "| model | balanced accuracy: plain | shifted | drop | mel sens. @90% spec.: plain | shifted | "
+        "mel-vs-nv AUC: plain | shifted |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, model in shift["models"].items():
+        d = model["device_shift"]
+        ba, sens, auc = d["balanced_accuracy"], d["melanoma_sensitivity_at_90_specificity"], d["mel_vs_nv_auc"]
+        lines.append(
+            f"| {name} | {_fmt(ba['plain'])} | {_fmt(ba['shifted'])} | {_fmt(ba['drop'])} | {_fmt(sens['plain'])} | "
+            f"{_fmt(sens['shifted'])} | {_na(auc['plain'])} | {_na(auc['shifted'])} |"
+        )
+    lines += [
+        "",
+        "| model | source | images | mel / nv | balanced accuracy: plain | shifted | mel-vs-nv AUC: plain | shifted |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, model in shift["models"].items():
+        for source, plain in model["per_source"].items():
+            shifted = model["per_source_shifted"][source]
+            counts = f"{plain['mel']} mel, {plain['nv']} nv"
+            lines.append(
+                f"| {name} | {source} | {plain['n']} | {plain['mel']} / {plain['nv']} | "
+                f"{_fmt(plain['balanced_accuracy'])} | {_fmt(shifted['balanced_accuracy'])} | "
+                f"{_na(plain['mel_vs_nv_auc'], counts)} | {_na(shifted['mel_vs_nv_auc'], counts)} |"
+            )
+    for source, members in (held_out or {}).items():
+        lines += ["", f"Trained without {source} (a real device and clinic shift), scored on all its images:", ""]
+        for member, result in members.items():
+            r = result["held_out"]
+            counts = f"{r['mel']} mel, {r['nv']} nv"
+            lines.append(
+                f"- {member}: {r['n']} images, balanced accuracy {_fmt(r['balanced_accuracy'])}, melanoma-vs-nevus "
+                f"AUC {_na(r['mel_vs_nv_auc'], counts)}."
+            )
+    return lines
+
+
 def render(manifest: dict) -> str:
     """The card: what the bundle is, how it was made, how good it is on the held-out lesions, its limits."""
     prov = manifest["provenance"]
@@ -76,6 +131,14 @@ def render(manifest: dict) -> str:
             f"| {m['name']} | {m['architecture']} | {m['input_size'][0]} x {m['input_size'][1]} | {m['preprocessing']} "
             f"| {m['weight']:.2f} | {m['file']} |"
         )
+    if manifest.get("colour_constancy"):
+        cc = manifest["colour_constancy"]
+        lines += [
+            "",
+            f"Colour constancy: every image is normalised with {CONSTANCY_NAMES[cc['method']]} (Minkowski p = "
+            f"{cc['p']:g}) after resizing and before each member's normalisation (manifest `colour_constancy`), as in "
+            "training, so the light source and sensor tint of the dermoscope are divided out.",
+        ]
     lines += [
         "",
         "## Data",
@@ -100,6 +163,11 @@ def render(manifest: dict) -> str:
         "Confusion matrices (rows: true class): `figures/confusion_*.png` and `.csv`. "
         "Learning curves: `figures/learning_curves.png`, per-epoch logs `figures/history_*.csv`.",
         "",
+        *(
+            ["## Per source and on another dermoscope", "", *shift_section(prov["shift"], prov.get("held_out_sources")), ""]
+            if "shift" in prov
+            else []
+        ),
         "## Ensemble",
         "",
         f"Weights fitted on the validation split by balanced accuracy over a 0.05 grid: "

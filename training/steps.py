@@ -8,18 +8,21 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from dermscore.runtime import cpu_model
-from training import data, ensemble, metrics, report, split
+from training import data, ensemble, metrics, report, shift, split
 from training.models import ARCHITECTURES
 from training.train import (
     CPU_PRESETS,
     GPU_PRESETS,
     HISTORY_FIELDS,
     SCRATCH_GPU_PRESETS,
+    SHIFT_CPU_PRESETS,
+    SHIFT_GPU_PRESETS,
     MemberRun,
     TrainConfig,
     epoch_steps,
@@ -66,9 +69,18 @@ def run_split(args: argparse.Namespace) -> dict:
     return {"images": summary["images"], "lesions": summary["lesions"], "split": path}
 
 
+PRESETS = {
+    "cpu": CPU_PRESETS,
+    "scratch-gpu": SCRATCH_GPU_PRESETS,
+    "shift-cpu": SHIFT_CPU_PRESETS,
+    "shift-gpu": SHIFT_GPU_PRESETS,
+    "gpu": GPU_PRESETS,
+}
+
+
 def member_config(args: argparse.Namespace, member: str) -> TrainConfig:
-    preset = {"cpu": CPU_PRESETS, "scratch-gpu": SCRATCH_GPU_PRESETS, "gpu": GPU_PRESETS}[args.preset][member]
-    return with_overrides(
+    preset = PRESETS[args.preset][member]
+    config = with_overrides(
         preset,
         input_size=args.input_size,
         init=args.init,
@@ -86,27 +98,57 @@ def member_config(args: argparse.Namespace, member: str) -> TrainConfig:
         run_eagerly=args.eager or None,
         time_budget=args.time_budget * 60 if args.time_budget else None,
         seed=args.seed,
+        colour_constancy_p=args.colour_constancy,
+        dihedral=args.dihedral,
+        rotation=args.rotation,
+        zoom=args.zoom,
+        crop_scale=args.crop_scale,
+        white_balance=args.white_balance,
+        gamma=args.gamma,
+        blur=args.blur,
+        ema_momentum=args.ema_momentum,
+        exclude_source=args.exclude_source,
     )
+    # 0 on the command line switches these optional components off.
+    return replace(config, colour_constancy_p=config.colour_constancy_p or None, ema_momentum=config.ema_momentum or None)
+
+
+def member_folder(args: argparse.Namespace, member: str) -> Path:
+    """``members/<member>``, or ``members/<member>-without-<source>`` for a run that leaves a source out."""
+    suffix = f"-without-{args.exclude_source}" if getattr(args, "exclude_source", None) else ""
+    return args.work / "members" / f"{member}{suffix}"
+
+
+def _sources(args: argparse.Namespace, image_ids: list[str]) -> np.ndarray:
+    """Each image's HAM10000 source (``unknown`` for all when the data has no sources file)."""
+    path = args.sources or args.data / shift.SOURCES_FILE
+    return shift.sources_of(image_ids, shift.read_sources(path) if path.is_file() else {})
 
 
 def member_run(args: argparse.Namespace, member: str) -> MemberRun:
     """The member's folder with the config it was started with (a resumed run never changes settings)."""
     records = _records(args)
     sides = _split(args, records)
-    folder = args.work / "members" / member
+    folder = member_folder(args, member)
     config = resume_config(folder, member_config(args, member))
     images = data.load_image_cache(records, config.input_size, RESIZE, args.work / "cache")
-    return MemberRun(folder, config, images, data.labels_of(records), sides["train"], sides["val"])
+    train, val = sides["train"], sides["val"]
+    if config.exclude_source:
+        sources = _sources(args, [r.image_id for r in records])
+        if not (sources == config.exclude_source).any():
+            raise ValueError(f"--exclude-source {config.exclude_source}: no image of that source in {args.data}")
+        train, val = train[sources[train] != config.exclude_source], val[sources[val] != config.exclude_source]
+    return MemberRun(folder, config, images, data.labels_of(records), train, val)
 
 
 def _deadline(stop_at: str | None) -> float | None:
-    """'HH:MM' (UTC, today or, if already past, tomorrow) -> Unix time."""
+    """'HH:MM' or 'HH:MM:SS' (UTC, today or, if already past, tomorrow) -> Unix time."""
     if not stop_at:
         return None
-    hours, minutes = (int(v) for v in stop_at.split(":"))
+    hours, minutes, seconds = ([int(v) for v in stop_at.split(":")] + [0])[:3]
     now = time.time()
     midnight = now - now % 86400
-    deadline = midnight + hours * 3600 + minutes * 60
+    deadline = midnight + hours * 3600 + minutes * 60 + seconds
     return deadline if deadline > now else deadline + 86400
 
 
@@ -198,18 +240,140 @@ def evaluate_all(test_probs: dict[str, np.ndarray], weights: dict[str, float], y
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
+    """Test figures of the members and the ensemble, per source and on the device-shifted copy.
+
+    With ``--bundle``: the same for a shipped bundle, scored through dermscore. With ``--exclude-source``:
+    the members trained without that source, on every image of it.
+    """
+    if args.bundle:
+        return evaluate_bundle(args)
+    if args.exclude_source:
+        return evaluate_held_out(args)
     predictions, priors, sides, labels = _predictions(args)
     choice = _ensemble_choice(args)
-    key = "test_tta" if choice["tta"] else "test"
-    test = {m: ensemble.adjust(p[key], priors[m], choice["prior_correction"]) for m, p in predictions.items()}
+    test = _adjusted_test(predictions, priors, choice)
     results = evaluate_all(test, choice["weights"], labels[sides["test"]])
     folder = args.work / "evaluation"
     folder.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
         report.confusion_figure(np.array(result["confusion_matrix"]), f"{name}: test", folder / f"confusion_{name}")
+    checks = shift_checks(args, choice, priors, test)
+    (folder / "metrics.json").write_text(json.dumps({**results, "shift": checks}, indent=1))
+    return {
+        **{name: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]} for name, r in results.items()},
+        "device_shift_drop": {n: m["device_shift"]["balanced_accuracy"]["drop"] for n, m in checks["models"].items()},
+    }
+
+
+def _adjusted_test(predictions: dict, priors: dict, choice: dict) -> dict[str, np.ndarray]:
+    """Each ensemble member's test probabilities as the ensemble uses them (its TTA choice, prior correction)."""
+    key = "test_tta" if choice["tta"] else "test"
+    return {m: ensemble.adjust(predictions[m][key], priors[m], choice["prior_correction"]) for m in choice["members"]}
+
+
+def _shifted_test_copy(args: argparse.Namespace, files: dict[str, Path]) -> tuple[dict[str, Path], shift.DeviceShift]:
+    device = shift.DeviceShift()
+    return shift.write_shifted_copy(files, shift.shifted_folder(args.work, device), device), device
+
+
+def shift_checks(args: argparse.Namespace, choice: dict, priors: dict, test: dict[str, np.ndarray]) -> dict:
+    """Per-source and device-shift figures of the work folder's members (``test``: adjusted test probabilities).
+
+    The shifted copy is a folder of real JPEGs; each member reads it through the same cache, colour
+    constancy and normalisation as the plain test images, with the ensemble's TTA and prior correction.
+    """
+    records = _records(args)
+    sides = _split(args, records)
+    tests = [records[i] for i in sides["test"]]
+    files, device = _shifted_test_copy(args, {r.image_id: Path(r.path) for r in tests})
+    shifted_records = [replace(r, path=str(files[r.image_id])) for r in tests]
+    key = "test_tta" if choice["tta"] else "test"
+    shifted = {}
+    for member in choice["members"]:
+        run = member_run(args, member)
+        cache = args.work / "cache" / "device_shift"
+        images = data.load_image_cache(shifted_records, run.config.input_size, RESIZE, cache)
+        path = run.folder / f"predictions_{shift.shifted_folder(args.work, device).name}.npz"
+        raw = ensemble.member_predictions(replace(run, images=images), {"test": np.arange(len(tests))}, path, ("test",))
+        shifted[member] = ensemble.adjust(raw[key], priors[member], choice["prior_correction"])
+    weights = tuple(choice["weights"].values())
+    plain = {**test, "ensemble": ensemble.combine([test[m] for m in choice["weights"]], weights)}
+    shifted["ensemble"] = ensemble.combine([shifted[m] for m in choice["weights"]], weights)
+    y = data.labels_of(tests)
+    return shift.shift_report(plain, shifted, y, _sources(args, [r.image_id for r in tests]), device)
+
+
+def evaluate_held_out(args: argparse.Namespace) -> dict:
+    """Members trained without ``--exclude-source``: on every image of that source, and per source on test.
+
+    Raw member outputs (no ensemble, no prior correction: nothing was fitted for these runs).
+    """
+    records = _records(args)
+    sides = _split(args, records)
+    labels = data.labels_of(records)
+    sources = _sources(args, [r.image_id for r in records])
+    source = args.exclude_source
+    held_out = np.flatnonzero(sources == source)
+    results = {}
+    for member in args.members:
+        run = member_run(args, member)
+        p = ensemble.member_predictions(
+            run, {"held_out": held_out, "test": sides["test"]}, run.folder / "predictions_held_out.npz", ("held_out", "test")
+        )
+        results[member] = {
+            "held_out": shift.held_out_report(labels[held_out], p["held_out"], source),
+            "held_out_tta": shift.held_out_report(labels[held_out], p["held_out_tta"], source),
+            "per_source_test": shift.per_source(labels[sides["test"]], p["test"], sources[sides["test"]]),
+            "machines": json.loads((run.folder / "machine.json").read_text()) if (run.folder / "machine.json").is_file() else [],
+        }
+    folder = args.work / "evaluation"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"held_out_{source}.json").write_text(json.dumps(results, indent=1))
+    return {m: r["held_out"] for m, r in results.items()}
+
+
+def evaluate_bundle(args: argparse.Namespace) -> dict:
+    """A shipped bundle on its own test images through dermscore: figures, per source, device shift.
+
+    Scored by ``training.bundle_scores`` (dermscore's decoding, preprocessing and Predictor), cached under
+    ``--work/bundle-scores/`` in chunks and shared with ``calibrate``, so an interrupted run continues and a
+    bundle calibrated in this work folder is not scored twice.
+    """
+    from dermscore.aggregate import ensemble  # noqa: PLC0415
+    from dermscore.bundle import load_bundle  # noqa: PLC0415
+    from training import bundle_scores  # noqa: PLC0415
+    from training.fit_bundle import feature_views  # noqa: PLC0415
+
+    bundle = load_bundle(args.bundle)
+    rows = [r for r in bundle_scores.split_rows(bundle) if r["split"] == "test"]
+    ids = [r["image_id"] for r in rows]
+    y = np.array([bundle.classes.index(r["dx"]) for r in rows], dtype=np.int64)
+    files = dict(zip(ids, bundle_scores.image_paths(args.data, ids)))
+    scorer = bundle_scores.Scorer(bundle, feature_views(bundle), args.work)
+
+    def probabilities(name: str, paths: list[Path]) -> dict[str, np.ndarray]:
+        scores = scorer(name, paths)
+        members = {m.name: scores[m.name] for m in bundle.members}
+        return {**members, "ensemble": ensemble(members, bundle)}
+
+    folder = args.work / "evaluation" / f"bundle_{bundle.name}_{bundle.version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    plain = probabilities("test", [files[i] for i in ids])
+    shifted_files, device = _shifted_test_copy(args, files)
+    shifted = probabilities("test-device-shifted", [shifted_files[i] for i in ids])
+    results = {name: metrics.evaluate(y, p) for name, p in plain.items()}
+    results["shift"] = shift.shift_report(plain, shifted, y, _sources(args, ids), device)
+    results["bundle"] = {"name": bundle.name, "version": bundle.version, "identity": bundle.identity}
+    results["scored_on"] = {
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds_this_run": round(time.time() - started, 1),
+    }
     (folder / "metrics.json").write_text(json.dumps(results, indent=1))
     return {
-        name: {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]} for name, r in results.items()
+        "metrics": folder / "metrics.json",
+        **{n: m["device_shift"]["balanced_accuracy"] for n, m in results["shift"]["models"].items()},
     }
 
 
@@ -297,6 +461,16 @@ def _member_training(run: MemberRun, history_path: Path) -> dict:
     }
 
 
+def _shift_provenance(args: argparse.Namespace, choice: dict) -> dict:
+    """Per-source and device-shift figures for the card (float32 members, as ``evaluate`` computed them), and
+    held-out-source runs where ``evaluate --exclude-source`` left their results in the work folder."""
+    predictions, priors, _, _ = _predictions(args)
+    held_out = {p.stem.removeprefix("held_out_"): json.loads(p.read_text())
+                for p in sorted((args.work / "evaluation").glob("held_out_*.json"))}
+    checks = shift_checks(args, choice, priors, _adjusted_test(predictions, priors, choice))
+    return {"shift": checks, **({"held_out_sources": held_out} if held_out else {})}
+
+
 def run_export(args: argparse.Namespace) -> dict:
     """Clean float32 members -> (float16) .keras files, re-evaluated from the written files, + manifest and card."""
     import keras  # noqa: PLC0415
@@ -314,18 +488,22 @@ def run_export(args: argparse.Namespace) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "figures").mkdir(parents=True)
 
+    runs = {member: member_run(args, member) for member in choice["members"]}
+    constancy = {run.config.constancy for run in runs.values()}
+    if len(constancy) > 1:  # dermscore prepares each image once per input size, with the bundle's one setting
+        raise ValueError(f"members trained with different colour constancy ({constancy}) cannot share a bundle")
+    constancy = constancy.pop()
     members, shipped, float32, storage, training = [], {}, {}, {}, {}
-    for member in choice["members"]:
-        run = member_run(args, member)
+    for member, run in runs.items():
         model = export.clean_member(run.folder / "best.keras", run.config)
         prior = np.maximum(np.asarray(choice["priors"][member]), 1e-12)
         export.shift_output_bias(model, -choice["prior_correction"] * np.log(prior))
         if choice["tta"]:
             model = export.flip_averaged(model)
-        float32[member] = predict(model, run.images, sides["test"], run.config.preprocessing)
+        float32[member] = predict(model, run.images, sides["test"], run.config.preprocessing, constancy)
         file = export.save_member(model, staging / f"{member}.keras", args.float16)
         reloaded = keras.models.load_model(file, compile=False)
-        shipped[member] = predict(reloaded, run.images, sides["test"], run.config.preprocessing)
+        shipped[member] = predict(reloaded, run.images, sides["test"], run.config.preprocessing, constancy)
         storage[member] = {
             "bytes": file.stat().st_size,
             "max_abs_probability_difference": float(np.abs(shipped[member] - float32[member]).max()),
@@ -368,6 +546,7 @@ def run_export(args: argparse.Namespace) -> dict:
         "classes": list(CLASS_CODES),
         "malignant_classes": list(DEFAULT_MALIGNANT),
         "members": members,
+        **({"colour_constancy": constancy.to_json()} if constancy else {}),
         "intended_use": INTENDED_USE,
         "provenance": {
             "training_data": {"attribution": ATTRIBUTION, "source": str(args.data.name), "images": len(records)},
@@ -409,6 +588,7 @@ def run_export(args: argparse.Namespace) -> dict:
                 UNCALIBRATED,
             ],
             "stronger_bundle": STRONGER_BUNDLE,
+            **_shift_provenance(args, choice),
         },
     }
     write_manifest(staging, manifest)

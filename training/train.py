@@ -14,15 +14,17 @@ import csv
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from dermscore.bundle import CLASS_CODES
-from dermscore.preprocess import normalize
-from training.augment import ColourJitter, build_augmenter, compile_on_jax
+from dermscore.bundle import CLASS_CODES, ColourConstancy
+from dermscore.preprocess import correct_colour, normalize
+from training.augment import CUSTOM_OBJECTS, ColourJitter, Prepare, build_augmenter, compile_on_jax
 from training.metrics import balanced_accuracy
 from training.models import ARCHITECTURES, Head, build_classifier, set_backbone_trainable
 
@@ -71,10 +73,25 @@ class TrainConfig:
     time_budget: float | None = None  # seconds; the main phase's epoch count is fitted to it (``epochs`` is the cap)
     checkpoint_interval: float = 0.0  # seconds between resumable checkpoints; 0: after every epoch
     loader_workers: int = 1  # threads preparing batches (a GPU outruns one)
+    # The generalising recipe (issue #15). Every default is the recipe of the members shipped before it, so
+    # an older config.json loads as what it was; the presets below switch them on.
+    colour_constancy_p: float | None = None  # Shades of Gray with this Minkowski p (exported as colour_constancy)
+    dihedral: bool = False  # the transpose that, with the flips, gives all 8 rotations/flips
+    crop_scale: float = 0.0  # random resized crop: smallest area fraction (0: none)
+    white_balance: float = 0.0  # per-channel gain range +-, before the colour constancy
+    gamma: float = 0.0  # gamma log-uniform in [1 / (1 + g), 1 + g]
+    blur: float = 0.0  # Gaussian sigma (pixels) of the strongest blur, blended in per image
+    ema_momentum: float | None = None  # exponential moving average of the weights (validated and saved)
+    exclude_source: str | None = None  # a HAM10000 source left out of training and validation
 
     @property
     def preprocessing(self) -> str:
         return ARCHITECTURES[self.member].preprocessing
+
+    @property
+    def constancy(self) -> ColourConstancy | None:
+        """The colour constancy the member is trained with and that export writes into the manifest."""
+        return ColourConstancy("shades_of_gray", float(self.colour_constancy_p)) if self.colour_constancy_p else None
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -102,6 +119,18 @@ SCRATCH_GPU_PRESETS = {
         mixed_precision=True, checkpoint_interval=120.0, loader_workers=8,
     )
     for member in ("inceptionv3", "densenet201")
+}
+# The generalising recipe of issue #15 on a GPU: both members at 150x200, Shades of Gray, all 8 rotations/flips,
+# random resized crops, white balance / gamma / blur before the constancy, EMA of the weights.
+SHIFT_RECIPE = dict(
+    colour_constancy_p=6.0, dihedral=True, crop_scale=0.5, rotation=0.125, zoom=0.0, white_balance=0.2, gamma=0.3,
+    blur=1.0, ema_momentum=0.995,
+)
+SHIFT_GPU_PRESETS = {member: replace(config, **SHIFT_RECIPE) for member, config in SCRATCH_GPU_PRESETS.items()}
+# The same recipe on this project's CPU: DenseNet201 at 96x128 is what a CPU reaches in hours, not days.
+SHIFT_CPU_PRESETS = {
+    "inceptionv3": replace(CPU_PRESETS["inceptionv3"], **{**SHIFT_RECIPE, "ema_momentum": 0.99}),
+    "densenet201": replace(CPU_PRESETS["densenet201"], **{**SHIFT_RECIPE, "ema_momentum": 0.99}, input_size=(96, 128)),
 }
 # For a GPU with internet: ImageNet initialisation, the study's resolution, head then full fine-tuning.
 GPU_PRESETS = {
@@ -134,7 +163,9 @@ def training_prior(config: TrainConfig, labels: np.ndarray) -> np.ndarray:
 
 
 class Batches(keras.utils.PyDataset):
-    """Normalised image batches from the uint8 cache.
+    """Image batches from the uint8 cache: prepared as dermscore prepares them (colour constancy, then the
+    member's normalisation), or with ``preprocessing`` None as float32 pixels for the trainer, whose graph
+    augments and then prepares them (``training.augment.Prepare``).
 
     With ``sampling_power`` set, each epoch draws a fresh sample (seeded by seed and epoch, so a resumed
     run sees the same sequence) in which class c appears in proportion to count_c ** power.
@@ -147,18 +178,19 @@ class Batches(keras.utils.PyDataset):
         labels: np.ndarray,
         indices: np.ndarray,
         batch_size: int,
-        preprocessing: str,
+        preprocessing: str | None,
         sampling_power: float | None = None,
         steps: int | None = None,
         class_weight_power: float = 0.0,
         seed: int = 0,
         workers: int = 1,
+        constancy: ColourConstancy | None = None,
     ) -> None:
         # Threads, not processes: numpy releases the GIL, and the epoch's draw (set by the callback before
         # Keras starts the epoch's workers) stays in one object.
         super().__init__(workers=workers, use_multiprocessing=False)
         self.images, self.labels, self.indices = images, labels, np.asarray(indices)
-        self.batch_size, self.preprocessing = batch_size, preprocessing
+        self.batch_size, self.preprocessing, self.constancy = batch_size, preprocessing, constancy
         self.sampling_power, self.seed, self.epoch = sampling_power, seed, 0
         self.steps = epoch_steps(steps, batch_size, len(self.indices))
         self._order = self._draw()
@@ -174,6 +206,10 @@ class Batches(keras.utils.PyDataset):
         rng = np.random.default_rng([self.seed, self.epoch])
         return rng.choice(self.indices, size=self.steps * self.batch_size, replace=True, p=p / p.sum())
 
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """dermscore's preparation of resized images (``prepare`` after its resize), on a batch."""
+        return normalize(correct_colour(pixels, self.constancy), self.preprocessing)
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch = epoch
@@ -184,7 +220,8 @@ class Batches(keras.utils.PyDataset):
 
     def __getitem__(self, i: int):
         rows = np.sort(self._order[i * self.batch_size : (i + 1) * self.batch_size])  # sorted: faster mmap reads
-        x = normalize(self.images[rows], self.preprocessing)
+        pixels = self.images[rows]
+        x = pixels.astype(np.float32) if self.preprocessing is None else self.prepare(pixels)
         y = np.eye(len(CLASS_CODES), dtype=np.float32)[self.labels[rows]]
         if self.class_weights is None:
             return x, y
@@ -194,14 +231,21 @@ class Batches(keras.utils.PyDataset):
 EAGER_PREDICT_LIMIT = 256
 
 
-def predict(model: keras.Model, images: np.ndarray, indices: np.ndarray, preprocessing: str, batch_size: int = 64):
-    """Softmax probabilities (N, 7) for ``images[indices]``.
+def predict(
+    model: keras.Model,
+    images: np.ndarray,
+    indices: np.ndarray,
+    preprocessing: str,
+    constancy: ColourConstancy | None = None,
+    batch_size: int = 64,
+):
+    """Softmax probabilities (N, 7) of a classifier for ``images[indices]``, prepared as dermscore prepares them.
 
     Up to EAGER_PREDICT_LIMIT images are run eagerly: compiling a prediction graph of a 200-layer
     network costs more than a few eager batches.
     """
     labels = np.zeros(len(images), dtype=np.int64)
-    data = Batches(images, labels, indices, batch_size, preprocessing)
+    data = Batches(images, labels, indices, batch_size, preprocessing, constancy=constancy)
     if len(indices) > EAGER_PREDICT_LIMIT:
         return np.asarray(model.predict(data, verbose=0), dtype=np.float64)
     batches = [keras.ops.convert_to_numpy(model(data[i][0], training=False)) for i in range(len(data))]
@@ -242,6 +286,27 @@ def fitted_epochs(
     return min(cap, epochs_done + max(int((begun + budget - now) // pace), 0))
 
 
+@contextmanager
+def averaged_weights(model: keras.Model) -> Iterator[None]:
+    """Inside: the model holds its optimizer's moving averages (``use_ema``); after: its own weights again.
+
+    Keras swaps the averages in only when ``fit`` ends; validating and keeping the best epoch's weights
+    need them every epoch. Without EMA this does nothing.
+    """
+    optimizer = model.optimizer
+    if optimizer is None or not optimizer.use_ema:
+        yield
+        return
+    variables = model.trainable_variables
+    current = [keras.ops.convert_to_numpy(v) for v in variables]
+    optimizer.finalize_variable_values(variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, current):
+            variable.assign(value)
+
+
 class _Checkpoint(keras.callbacks.Callback):
     """Per epoch: learning rate, validation balanced accuracy, history row, best classifier, checkpoint, stop."""
 
@@ -278,8 +343,14 @@ class _Checkpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         run, state = self.run, self.state
-        probs = predict(self.model, run.images, run.val_indices, run.config.preprocessing)
-        score = balanced_accuracy(self.val_labels, probs.argmax(1))
+        cfg = run.config
+        with averaged_weights(self.model):  # with EMA: the averaged weights are the ones validated and kept
+            classifier = run.classifier(self.model)
+            # The classifier alone on numpy-prepared images: validation takes scoring's path, not the trainer's.
+            probs = predict(classifier, run.images, run.val_indices, cfg.preprocessing, cfg.constancy)
+            score = balanced_accuracy(self.val_labels, probs.argmax(1))
+            if score > state["best"]:
+                self.best_weights = classifier.get_weights()
         row = {
             "epoch": epoch + 1,
             "phase": self.phase,
@@ -295,7 +366,6 @@ class _Checkpoint(keras.callbacks.Callback):
         print(json.dumps(row), flush=True)
         if score > state["best"]:
             state.update(best=score, best_epoch=epoch + 1, wait=0)
-            self.best_weights = run.classifier(self.model).get_weights()
         else:
             state["wait"] += 1
         state["epoch"] = epoch + 1
@@ -405,16 +475,27 @@ class MemberRun:
             # Convolution and dense weights do not depend on the input size, so a member trained at a lower
             # resolution (or for fewer epochs) continues here with a fresh schedule.
             classifier.set_weights(keras.models.load_model(cfg.warm_start, compile=False).get_weights())
+        # Pixels in, as the cache holds them: augmentation, then dermscore's preparation, then the older jitter.
         inputs = keras.Input((*cfg.input_size, 3), name="image")
-        augmented = build_augmenter(cfg.rotation, cfg.zoom, cfg.colour, cfg.seed)(inputs)
-        return keras.Model(inputs, classifier(augmented), name="trainer")
+        x = build_augmenter(
+            cfg.rotation, cfg.zoom, cfg.seed, cfg.dihedral, cfg.crop_scale, cfg.white_balance, cfg.gamma, cfg.blur
+        )(inputs)
+        x = Prepare(cfg.preprocessing, cfg.colour_constancy_p, name="prepare")(x)
+        if cfg.colour:
+            x = ColourJitter(cfg.colour / 2, cfg.colour, cfg.colour, seed=cfg.seed + 3, name="colour_jitter")(x)
+        return keras.Model(inputs, classifier(x), name="trainer")
 
     def _compile(self, model: keras.Model) -> None:
         """A fresh optimizer; its learning rate is set each epoch by the callback (``epoch_learning_rate``)."""
         cfg = self.config
         compile_on_jax(model)
         model.compile(
-            optimizer=keras.optimizers.AdamW(cfg.learning_rate, weight_decay=cfg.weight_decay),
+            optimizer=keras.optimizers.AdamW(
+                cfg.learning_rate,
+                weight_decay=cfg.weight_decay,
+                use_ema=cfg.ema_momentum is not None,
+                ema_momentum=cfg.ema_momentum or 0.99,
+            ),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
             metrics=["accuracy"],
             run_eagerly=cfg.run_eagerly,
@@ -446,7 +527,7 @@ class MemberRun:
             self.labels,
             self.train_indices,
             cfg.batch_size,
-            cfg.preprocessing,
+            None,  # pixels: the trainer augments, then prepares them in its graph
             sampling_power=cfg.sampling_power,
             steps=steps,
             class_weight_power=cfg.class_weight_power,
@@ -458,9 +539,12 @@ class MemberRun:
         if state["checkpoint"]:
             print(f"resuming after epoch {state['epoch']} from {state['checkpoint']}", flush=True)
             self.truncate_history(state["epoch"])
-            model = keras.models.load_model(
-                self.folder / state["checkpoint"], custom_objects={"ColourJitter": ColourJitter}
-            )
+            model = keras.models.load_model(self.folder / state["checkpoint"], custom_objects=CUSTOM_OBJECTS)
+            if "prepare" not in {layer.name for layer in model.layers}:
+                raise RuntimeError(
+                    f"{self.folder / state['checkpoint']}: a trainer from before pixel-space augmentation (it takes "
+                    "normalised images); it cannot be continued by this version. Start the run in a new --work folder."
+                )
             compile_on_jax(model)
         for phase, first, end in self.phases():
             end = state.get("fitted_end", end) if phase == "train" else end

@@ -1,0 +1,25 @@
+#!/bin/bash
+# Here, before a GPU session's run of training/gpu_run.sh: what the device machine lacks travels with the tree.
+#   bash training/gpu_prepare.sh
+# * .whl/: Keras and the two of its requirements the machine's image lacks (namex, optree), for its Python 3.12;
+# * .gpu-data/ham10000-200x150: the data (47 MB; ../shared beside the checkout does not travel).
+# Both are ignored by git, so the run names them in `carry`. The tree that travels is limited to 64 MiB and the
+# shipped bundle's two .keras files (75 MB) are tracked: move them out of the tree for the call and back after
+# (the script prints how). Then, with the device tool:
+#   run(command="WHEELS=.whl bash training/gpu_run.sh", carry=[".whl", ".gpu-data"], timeout_s=600)
+#   run(command="bash training/gpu_run.sh fetch 2")   # at once: the machine stays warm only 30 s
+#   bash training/gpu_unpack.sh training-work-gpu FILES_AT_OF_CALL_1 FILES_AT_OF_CALL_2
+set -eu
+cd "$(dirname "$0")/.."
+KERAS=$(python3 -c "import keras; print(keras.__version__)")
+mkdir -p .whl
+for package in "keras==$KERAS" "namex==0.1.0" "optree==0.20.0"; do
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl "$package"
+done
+mkdir -p .gpu-data
+[ -d .gpu-data/ham10000-200x150 ] || cp -r ../shared/data/ham10000-200x150 .gpu-data/
+ls -la .whl; du -sh .gpu-data
+echo "Before the call:  mkdir -p /tmp/keep-models && mv models/*/*.keras /tmp/keep-models/ (the tree must stay under 64 MiB)"
+echo "After the calls:  git checkout -- models   (or move them back)"
