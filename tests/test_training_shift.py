@@ -198,7 +198,7 @@ def test_excluded_source_is_in_neither_training_nor_validation(subset: tuple[Pat
     from training import cli, steps
 
     data, work = subset
-    args = cli._parser().parse_args(["train", "--data", str(data), "--work", str(work), "--exclude-source", "rosendahl",
+    args = cli.parse(["train", "--data", str(data), "--work", str(work), "--exclude-source", "rosendahl",
                                      "--input-size", "32x32"])
     args.metadata, args.members = data / "HAM10000_metadata.csv", ("densenet201",)
     run: MemberRun = steps.member_run(args, "densenet201")

@@ -64,7 +64,7 @@ sha256sum "$W"/split.csv
 # One shared image cache at the training size, built before the trainers start.
 python3 -c "
 from training import cli, steps
-a = cli._parser().parse_args(['train'] + '$COMMON $EXTRA'.split())
+a = cli.parse(['train'] + '$COMMON $EXTRA'.split())
 a.metadata = a.data / 'HAM10000_metadata.csv'
 steps.member_run(a, 'inceptionv3')
 " || exit 1
