@@ -1,6 +1,6 @@
 """Aggregation (pure): ensemble the members, derive the decision fields and flags, roll images up to lesions.
 
-Rules (also in README, 'Reports'):
+Rules (also in docs/reports.md):
 
 * An image's probabilities are the manifest-weighted mean of its members' softmax outputs, calibrated
   when the bundle carries a ``calibration`` (``dermscore.calibration``): the class columns, confidence and
@@ -198,7 +198,7 @@ def member_column(member_name: str) -> str:
 
 
 def image_columns(bundle: Bundle) -> list[str]:
-    """images.csv / Images sheet columns; the order is the report's contract (see README, 'Reports')."""
+    """images.csv / Images sheet columns; the order is the report's contract (see docs/reports.md)."""
     return ["source", "frame", "sha256", "lesion_id", "lesion_source", *IDENTITY_COLUMNS, *bundle.classes,
             "predicted_class", "confidence", "malignant_probability",
             *(member_column(m.name) for m in bundle.members), "member_divergence", "quality",
@@ -207,7 +207,7 @@ def image_columns(bundle: Bundle) -> list[str]:
 
 
 def lesion_columns(bundle: Bundle) -> list[str]:
-    """lesions.csv / Lesions sheet columns; the order is the report's contract (see README, 'Reports')."""
+    """lesions.csv / Lesions sheet columns; the order is the report's contract (see docs/reports.md)."""
     return ["lesion_id", "lesion_source", "n_images", "patient_id", "body_site", *bundle.classes,
             "predicted_class", "confidence", "malignant_probability", "image_divergence", "flags",
             "review_reasons", "images", "bundle_name", "bundle_version"]

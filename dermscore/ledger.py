@@ -207,7 +207,7 @@ class Ledger:
         """Yield the inputs this run must score; hashes each source's bytes to spot changed content.
 
         Hashing reads every input once more than scoring alone would: measured under 0.1% of scoring
-        time for JPEGs (README, "Scheduled jobs"), memory stays flat, and the run knows up front how
+        time for JPEGs (docs/jobs.md), memory stays flat, and the run knows up front how
         much is left. Each location is taken at most once per run, even if two inputs overlap.
         """
         if selection not in SELECTIONS:

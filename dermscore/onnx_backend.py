@@ -2,7 +2,7 @@
 
 Why: on our 2-core AVX2 CPU, ONNX Runtime ran the reference ensemble at 77% of the machine's float32
 matmul ceiling where TensorFlow's ``predict_on_batch`` reached 63%, with outputs within 2e-8 of Keras,
-a tenth of the start-up time and half the memory (README, "Throughput and devices"). Export (tf2onnx, through Keras'
+a tenth of the start-up time and half the memory (docs/throughput.md). Export (tf2onnx, through Keras'
 ``model.export(format="onnx")``) takes 30-50 s per full-size member, so it happens lazily on first use
 and the file is cached, keyed by the member's weight sha256 and every tool version that shapes the
 graph or its numerics. A fresh export is used only after it matches Keras within ``PROBE_TOLERANCE``

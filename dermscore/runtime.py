@@ -18,7 +18,7 @@ from dermscore.errors import UsageError
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("float32", "float16", "bfloat16")
 BACKENDS = ("auto", "keras", "onnx")
-# Measured (README, "Throughput and devices"): on our 2-core CPUs per-image speed is flat from batch 8
+# Measured (docs/throughput.md): on our 2-core CPUs per-image speed is flat from batch 8
 # up, and small batches keep the latency to the first result low. On an H200 the reference ensemble
 # scored end-to-end 339 images/s at batch 32, 458-480 at 64 and 486-508 at 128; 64 takes most of the
 # gain while leaving room on cards with less memory.

@@ -6,7 +6,7 @@ JPEG baseline/extended and JPEG 2000; pyjpegls for JPEG-LS; GDCM for JPEG lossle
 YBR_FULL/YBR_FULL_422/YBR_ICT/YBR_RCT to RGB. What is left here is what the model needs beyond that:
 palette lookup, greyscale windowing and inversion, and bringing 12/16-bit values to 8 bits.
 
-Bit-depth rule (documented in the README): colour and greyscale samples are mapped linearly from
+Bit-depth rule (documented in docs/inputs.md): colour and greyscale samples are mapped linearly from
 their stored range (0..2**BitsStored-1, shifted for signed data) to 0..255. Greyscale objects that
 carry a VOI window or VOI LUT are first windowed with it (after their Rescale/Modality LUT), since
 that is how the sender asked for them to be shown; MONOCHROME1 is then inverted so dark is dark.

@@ -36,7 +36,7 @@ from dermscore.infer import Predictor, decode_and_prepare, ood_scores
 from dermscore.records import Failure, ImageRef, Scored, Source
 from dermscore.runtime import Runtime
 
-# Test hook (documented in README): when this names a file that exists, the model actor that reaches
+# Test hook (documented in docs/ray.md): when this names a file that exists, the model actor that reaches
 # its second batch deletes the file and kills its own process, so tests can watch a retry mid-run.
 CRASH_MARKER_ENV = "DERMSCORE_RAY_CRASH_MARKER"
 MAX_RETRIES = 3  # bounded, so a worker that dies on every attempt fails the run instead of looping

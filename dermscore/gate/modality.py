@@ -5,7 +5,7 @@ A CT slice or an ultrasound frame scored as a skin lesion gives a confident, mea
 what discovery already read (``dermscore.decode.dicom.read_header``: the file meta group and the
 dataset up to Modality, within the first 16 KiB), so a radiology series costs no pixel decoding.
 
-Rule (README, "DICOM"; docs/quality.md has the design notes):
+Rule (docs/inputs.md; docs/quality.md has the design notes):
 
 * An object passes when every modality it names is on the allow-list: its Modality attribute
   (0008,0060) and the modality its SOP class implies (CT Image Storage implies CT, Ophthalmic
