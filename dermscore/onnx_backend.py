@@ -7,6 +7,8 @@ a tenth of the start-up time and half the memory (README, "Throughput and device
 and the file is cached, keyed by the member's weight sha256 and every tool version that shapes the
 graph or its numerics. A fresh export is used only after it matches Keras within ``PROBE_TOLERANCE``
 on a probe batch; a cached one is used only while its own sha256 matches the note written beside it.
+A bundle that ships its members' ONNX files (``python -m training onnx``, hashed in the manifest and
+verified by ``load_bundle``) is used as it is: no export, no cache, no TensorFlow on the user's machine.
 """
 
 from __future__ import annotations
@@ -116,8 +118,21 @@ def load_onnx_members(
     member's time (DenseNet201's concatenations) does not spread over threads.
     """
     threads = max(1, physical_cores() // len(bundle.members))
-    outputs = "probabilities" if feature_views is None else f"probabilities+features:{feature_views}"
-    return {m.name: OnnxModel(cached_export(bundle, m, load_keras, outputs), threads) for m in bundle.members}
+    outputs = outputs_of(feature_views)
+    return {m.name: OnnxModel(member_onnx(bundle, m, load_keras, outputs), threads) for m in bundle.members}
+
+
+def outputs_of(feature_views: str | None) -> str:
+    """What a member's ONNX graph returns: its probabilities, and its features when an OOD detector reads them."""
+    return "probabilities" if feature_views is None else f"probabilities+features:{feature_views}"
+
+
+def member_onnx(bundle: Bundle, member: Member, load_keras: Callable[[Member], Any], outputs: str) -> Path:
+    """The bundle's own ONNX file for ``member`` when it ships one with these outputs (already verified by
+    ``load_bundle``), else the cached export (user-trained bundles, or features the bundle's file lacks)."""
+    if member.onnx is not None and member.onnx.outputs == outputs:
+        return bundle.path / member.onnx.file
+    return cached_export(bundle, member, load_keras, outputs)
 
 
 def cache_key(member: Member, outputs: str = "probabilities") -> str:
@@ -157,7 +172,7 @@ def cached_export(
     with _locked(folder / f"{key}.lock"):
         if _intact(path, note_path):
             return path
-        note = _export_and_check(load_keras(member), bundle, member, path)
+        note = export_and_check(load_keras(member), bundle, member, path)
         with atomic_path(note_path) as tmp:
             tmp.write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
     return path
@@ -179,8 +194,10 @@ def _intact(path: Path, note_path: Path) -> bool:
         return False
 
 
-def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) -> dict[str, Any]:
-    """Export ``model`` to ``path`` (atomically), refusing it unless it matches Keras on a probe batch."""
+def export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) -> dict[str, Any]:
+    """Export ``model`` to ``path`` (atomically), refusing it unless it matches Keras on a probe batch.
+
+    The one export path: the cache here and the bundle's shipped files (``training/onnx_members.py``)."""
     import tensorflow as tf
 
     probe = np.stack([prepare(image, (member,))[member.name] for image in probe_images()])

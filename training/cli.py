@@ -9,6 +9,8 @@
     python -m training export     # bundle folder for dermscore (then calibrate on it)
     python -m training calibrate --bundle models/ham10000-ensemble   # calibration, OOD detector, operating
                                   # points fitted from a bundle's own split; rewrites it as --version
+    python -m training onnx --bundle models/ham10000-ensemble   # ships each member's ONNX graph in the
+                                  # bundle (after calibrate), so the first run never exports
     python -m training all        # everything above, both members
 
 Everything intermediate goes to ``--work`` (default ``training-work/``); only ``export`` writes the
@@ -38,12 +40,12 @@ def _size(text: str) -> tuple[int, int]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("index", "split", "eda", "train", "ensemble", "evaluate", "export", "calibrate", "all"))
+    parser.add_argument("step", choices=("index", "split", "eda", "train", "ensemble", "evaluate", "export", "calibrate", "onnx", "all"))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with HAM10000_metadata.csv and images")
     parser.add_argument("--metadata", type=Path, help="metadata CSV (default: DATA/HAM10000_metadata.csv)")
     parser.add_argument("--work", type=Path, default=REPO / "training-work", help="working folder (checkpoints, logs)")
     parser.add_argument("--out", type=Path, help="bundle folder for export (default: models/ham10000-ensemble)")
-    parser.add_argument("--bundle", type=Path, help="bundle folder for calibrate (default: --out, else the default bundle)")
+    parser.add_argument("--bundle", type=Path, help="bundle folder for calibrate and onnx (default: --out, else the default bundle)")
     parser.add_argument(
         "--train-limit",
         type=int,
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.command = "python -m training " + " ".join(argv)  # recorded with each training run
     _apply_threads(args.threads)
-    from training import steps  # noqa: PLC0415 (after the thread settings)
+    from training import onnx_members, steps  # noqa: PLC0415 (after the thread settings)
 
     args.metadata = args.metadata or args.data / "HAM10000_metadata.csv"
     args.members = tuple(args.member or MEMBERS)
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     order = ("index", "split", "eda", "train", "ensemble", "evaluate", "export") if args.step == "all" else (args.step,)
     for step in order:
         t0 = time.time()
-        result = getattr(steps, f"run_{step}")(args)
+        result = getattr(onnx_members if step == "onnx" else steps, f"run_{step}")(args)
         print(
             json.dumps({"step": step, "seconds": round(time.time() - t0, 1), **(result or {})}, default=str), flush=True
         )
