@@ -142,6 +142,7 @@ def write_member(bundle: Bundle, member: Member, views: str | None, images: list
             raise BundleError(f"{bundle.member_path(member)}: the stored ONNX graph differs from Keras by "
                               f"{diff:.2e} (more than {PROBE_TOLERANCE:g}); not written.")
         exported.replace(bundle.path / file)
+    (bundle.path / file).chmod(0o644)  # a bundle file like the weights, not a private temporary
     return {"file": file, "outputs": outputs_of(views), "opset": OPSET, "storage": STORAGE, **sizes,
             "max_abs_difference": diff, "checked_on": {"probe_images": len(probe_images()), "real_images": len(images)},
             "exported_with": note["versions"]}
