@@ -44,10 +44,17 @@ REQUIRED = ("onnxruntime", "tf2onnx", "onnx")
 KEYED_VERSIONS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime")
 
 
-def missing_packages() -> list[str]:
+def missing_packages(exports: bool = True) -> list[str]:
     """The packages this backend needs that are not importable here (found without importing them:
-    tf2onnx alone takes seconds to import, and a cached export never needs it)."""
-    return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    tf2onnx alone takes seconds to import, and a cached export never needs it). Without ``exports`` (a
+    bundle that ships every member's ONNX graph) ONNX Runtime alone is needed."""
+    return [name for name in (REQUIRED if exports else REQUIRED[:1]) if importlib.util.find_spec(name) is None]
+
+
+def needs_export(bundle: Bundle, feature_views: str | None) -> bool:
+    """Whether some member of ``bundle`` lacks a shipped ONNX graph with the outputs this run needs."""
+    outputs = outputs_of(feature_views)
+    return any(m.onnx is None or m.onnx.outputs != outputs for m in bundle.members)
 
 
 def cache_dir() -> Path:
