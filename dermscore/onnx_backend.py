@@ -221,8 +221,7 @@ def export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) -> 
         except Exception as exc:  # tf2onnx raises whatever its converters raise; name it and move on
             raise BundleError(f"{where}: the ONNX export failed ({type(exc).__name__}: {exc}). "
                               "Run with --backend keras.") from exc
-        # Features are not bounded like probabilities: they are held to the tolerance relative to their size.
-        diff = max(float(np.abs(g - e).max() / max(1.0, np.abs(e).max())) for g, e in zip(got, expected, strict=True))
+        diff = difference(got, expected)
         if not diff <= PROBE_TOLERANCE:
             raise BundleError(
                 f"{where}: the ONNX export differs from Keras by {diff:.2e} on a probe batch (more than "
@@ -235,6 +234,12 @@ def export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) -> 
         "probe_images": PROBE_IMAGES, "max_abs_diff_vs_keras": diff,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def difference(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    """Largest difference over a model's outputs. Features are not bounded like probabilities: they are
+    held to the tolerance relative to their size."""
+    return max(float(np.abs(g - e).max() / max(1.0, np.abs(e).max())) for g, e in zip(got, expected, strict=True))
 
 
 def probe_images() -> list[np.ndarray]:

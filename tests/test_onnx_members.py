@@ -125,3 +125,47 @@ def test_shipped_members_without_the_features_the_bundle_needs_fall_back_to_the_
     (copy / MANIFEST).write_text(json.dumps(manifest))
     predictor = Predictor(load_bundle(copy), 3, Runtime(backend="onnx"))
     assert all(m.path.parent == cache for m in predictor.models.values())
+
+
+def test_folded_batch_norm_kernels_are_stored_as_float16_and_score_as_the_float32_export(
+    tmp_path: Path, cache: Path
+) -> None:
+    """Like the shipped members: float16-valued weights with batch normalisation, which tf2onnx folds into
+    the convolution kernels; they are stored as float16 kernel times float32 scale, not left float32."""
+    import keras
+    import onnx
+
+    from conftest import SMALL_MEMBERS, make_bundle
+
+    members = []
+    for i, spec in enumerate(SMALL_MEMBERS):
+        keras.utils.set_random_seed(i)
+        inputs = keras.Input((*spec["input_size"], 3))
+        x = keras.layers.Conv2D(16, 3, use_bias=False)(inputs)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.Conv2D(32, 3, use_bias=False)(keras.layers.ReLU()(x))
+        x = keras.layers.BatchNormalization()(x)
+        outputs = keras.layers.Dense(7, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+        model = keras.Model(inputs, outputs)
+        rng = np.random.default_rng(i)  # trained-looking statistics, stored as float16 like training's export
+        model.set_weights([(w + rng.uniform(0.1, 0.5, w.shape) if w.ndim == 1 else w).astype(np.float16).astype(np.float32)
+                           for w in model.get_weights()])
+        model.save(tmp_path / f"bn{i}.keras")
+        members.append({**spec, "model_file": tmp_path / f"bn{i}.keras"})
+    folder = make_bundle(tmp_path / "bundle", members)
+    assert main(["onnx", "--bundle", str(folder), "--data", str(SMALL_200)]) == 0
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for raw in manifest["members"]:
+        stored, full = raw["onnx"]["initializer_bytes_stored"], raw["onnx"]["initializer_bytes_float32"]
+        assert stored < 0.6 * full, (stored, full)
+        graph = onnx.load(str(folder / raw["onnx"]["file"])).graph
+        assert sum(i.name.endswith("__scale") for i in graph.initializer) == 2  # both folded kernels
+        assert raw["onnx"]["max_abs_difference"] <= TOLERANCE
+    bundle = load_bundle(folder)
+    batch = batch_of(folder)
+    shipped_out = Predictor(bundle, 3, Runtime(backend="onnx"))(batch)
+    assert not cache.exists()
+    keras_out = Predictor(bundle, 3, Runtime(backend="keras"))(batch)
+    for name in keras_out:
+        assert np.abs(shipped_out[name] - keras_out[name]).max() <= TOLERANCE

@@ -33,6 +33,7 @@ from dermscore.onnx_backend import (
     OPSET,
     PROBE_TOLERANCE,
     OnnxModel,
+    difference,
     export_and_check,
     outputs_of,
     physical_cores,
@@ -118,11 +119,6 @@ def real_images(data: Path) -> list[np.ndarray]:
     if not paths:
         raise BundleError(f"{data / 'images'}: no JPEG images to check the ONNX members on; pass --data.")
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-
-
-def difference(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
-    """The backend's measure: features are held to the tolerance relative to their size."""
-    return max(float(np.abs(g - e).max() / max(1.0, np.abs(e).max())) for g, e in zip(got, expected, strict=True))
 
 
 def write_member(bundle: Bundle, member: Member, views: str | None, images: list[np.ndarray]) -> dict[str, Any]:
