@@ -11,7 +11,7 @@ Storage: the .keras files hold float16 weights (loaded as float32), but tf2onnx 
 normalisation into the convolution before it, so most exported kernels are no longer float16 values.
 ``float16_storage`` undoes that for storage only: the member's float16 kernel plus a float32 scale per
 channel, multiplied back when ONNX Runtime creates the session (it folds constant nodes), bit for bit
-what tf2onnx wrote. Rounding the folded kernels to float16 instead differed from Keras by up to 5e-4 on
+what tf2onnx wrote. Rounding the folded kernels to float16 instead differed from the float32 export by up to 5e-4 on
 the probabilities and 2.4e-3 on the features of the shipped members (2-core Xeon, 2026-11-27): refused.
 """
 
