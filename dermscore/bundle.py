@@ -32,6 +32,17 @@ CALIBRATION_METHODS = ("temperature", "class-temperature")
 
 
 @dataclass(frozen=True)
+class OnnxFile:
+    """A member's ONNX graph shipped in the bundle (written by ``python -m training onnx``), so scoring
+    never exports on the user's machine. ``outputs`` names what the graph returns, in the words of
+    ``dermscore.onnx_backend.outputs_of``; the backend uses the file only when that is what it needs."""
+
+    file: str
+    sha256: str
+    outputs: str
+
+
+@dataclass(frozen=True)
 class Member:
     """One CNN of the ensemble and how an image must be prepared for it."""
 
@@ -43,6 +54,7 @@ class Member:
     preprocessing: str
     resize: str
     weight: float
+    onnx: OnnxFile | None = None  # absent in bundles without shipped ONNX members: exported and cached
 
 
 @dataclass(frozen=True)
@@ -225,6 +237,7 @@ def _parse_member(raw: dict[str, Any], where: Path) -> Member:
     weight = float(raw.get("weight", 1.0))
     if weight < 0:
         raise BundleError(f"{where}: member weight must be >= 0, got {weight}.")
+    onnx = raw.get("onnx")
     return Member(
         name=str(_require(raw, "name", where)),
         architecture=str(_require(raw, "architecture", where)),
@@ -234,6 +247,11 @@ def _parse_member(raw: dict[str, Any], where: Path) -> Member:
         preprocessing=preprocessing,
         resize=resize,
         weight=weight,
+        onnx=None if onnx is None else OnnxFile(
+            file=str(_require(onnx, "file", where)),
+            sha256=str(_require(onnx, "sha256", where)).lower(),
+            outputs=str(_require(onnx, "outputs", where)),
+        ),
     )
 
 
@@ -335,8 +353,10 @@ def read_bundle(path: Path | str) -> Bundle:
 
 
 def verify_bundle(bundle: Bundle) -> None:
-    """Refuse any member (or OOD statistics) file that is missing or whose sha256 differs from the manifest."""
+    """Refuse any member (ONNX, OOD statistics) file that is missing or whose sha256 differs from the manifest."""
     files = [(bundle.member_path(m), m.sha256, f"weight file of member '{m.name}'") for m in bundle.members]
+    files += [(bundle.path / m.onnx.file, m.onnx.sha256, f"ONNX file of member '{m.name}'")
+              for m in bundle.members if m.onnx is not None]
     if bundle.ood is not None:
         files.append((bundle.path / bundle.ood.file, bundle.ood.sha256, "OOD statistics file"))
     for file, expected, what in files:
@@ -404,6 +424,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Bundle:
     for raw in manifest["members"]:
         raw = dict(raw)
         raw["sha256"] = sha256_file(folder / raw["file"])
+        if raw.get("onnx"):
+            raw["onnx"] = {**raw["onnx"], "sha256": sha256_file(folder / raw["onnx"]["file"])}
         raw["input_size"] = list(raw["input_size"])
         members.append(raw)
     manifest["members"] = members

@@ -39,7 +39,7 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu or gpu; gpu fails clearly when none is found.")] = "auto",
     precision: Annotated[str, typer.Option(help="float32, or mixed float16/bfloat16 (GPU; see README).")] = "float32",
     xla: Annotated[bool, typer.Option("--xla/--no-xla", help="Compile the members with XLA.")] = False,
-    backend: Annotated[str, typer.Option(help="auto, keras or onnx: onnx runs the members in ONNX Runtime on CPU (needs dermscore[onnx]); auto picks it on CPU when installed.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto, keras or onnx: onnx runs the members in ONNX Runtime on CPU (bundles without ONNX members need dermscore[onnx] to export them); auto picks it on CPU where it can.")] = "auto",
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
     lesion_map: Annotated[Optional[Path], typer.Option(help="CSV with columns image,lesion_id: images of one lesion.")] = None,
     metadata: Annotated[Optional[Path], typer.Option(help="HAM10000-style CSV with image_id (file stem) and lesion_id.")] = None,

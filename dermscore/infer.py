@@ -71,7 +71,9 @@ class Predictor:
         self.runtime = runtime or Runtime()
         self.feature_views = feature_views or (bundle.ood.views if bundle.ood else None)
         self.device = configure(self.runtime)
-        self.backend = resolve_backend(self.runtime, self.device)
+        from dermscore.onnx_backend import needs_export
+
+        self.backend = resolve_backend(self.runtime, self.device, needs_export(bundle, self.feature_views))
         self.bundle = bundle
         self.batch_size = batch_size
         self.models = self._load_models()

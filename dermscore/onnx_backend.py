@@ -7,6 +7,8 @@ a tenth of the start-up time and half the memory (docs/throughput.md). Export (t
 and the file is cached, keyed by the member's weight sha256 and every tool version that shapes the
 graph or its numerics. A fresh export is used only after it matches Keras within ``PROBE_TOLERANCE``
 on a probe batch; a cached one is used only while its own sha256 matches the note written beside it.
+A bundle that ships its members' ONNX files (``python -m training onnx``, hashed in the manifest and
+verified by ``load_bundle``) is used as it is: no export, no cache, no TensorFlow on the user's machine.
 """
 
 from __future__ import annotations
@@ -42,10 +44,17 @@ REQUIRED = ("onnxruntime", "tf2onnx", "onnx")
 KEYED_VERSIONS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime")
 
 
-def missing_packages() -> list[str]:
+def missing_packages(exports: bool = True) -> list[str]:
     """The packages this backend needs that are not importable here (found without importing them:
-    tf2onnx alone takes seconds to import, and a cached export never needs it)."""
-    return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    tf2onnx alone takes seconds to import, and a cached export never needs it). Without ``exports`` (a
+    bundle that ships every member's ONNX graph) ONNX Runtime alone is needed."""
+    return [name for name in (REQUIRED if exports else REQUIRED[:1]) if importlib.util.find_spec(name) is None]
+
+
+def needs_export(bundle: Bundle, feature_views: str | None) -> bool:
+    """Whether some member of ``bundle`` lacks a shipped ONNX graph with the outputs this run needs."""
+    outputs = outputs_of(feature_views)
+    return any(m.onnx is None or m.onnx.outputs != outputs for m in bundle.members)
 
 
 def cache_dir() -> Path:
@@ -116,8 +125,21 @@ def load_onnx_members(
     member's time (DenseNet201's concatenations) does not spread over threads.
     """
     threads = max(1, physical_cores() // len(bundle.members))
-    outputs = "probabilities" if feature_views is None else f"probabilities+features:{feature_views}"
-    return {m.name: OnnxModel(cached_export(bundle, m, load_keras, outputs), threads) for m in bundle.members}
+    outputs = outputs_of(feature_views)
+    return {m.name: OnnxModel(member_onnx(bundle, m, load_keras, outputs), threads) for m in bundle.members}
+
+
+def outputs_of(feature_views: str | None) -> str:
+    """What a member's ONNX graph returns: its probabilities, and its features when an OOD detector reads them."""
+    return "probabilities" if feature_views is None else f"probabilities+features:{feature_views}"
+
+
+def member_onnx(bundle: Bundle, member: Member, load_keras: Callable[[Member], Any], outputs: str) -> Path:
+    """The bundle's own ONNX file for ``member`` when it ships one with these outputs (already verified by
+    ``load_bundle``), else the cached export (user-trained bundles, or features the bundle's file lacks)."""
+    if member.onnx is not None and member.onnx.outputs == outputs:
+        return bundle.path / member.onnx.file
+    return cached_export(bundle, member, load_keras, outputs)
 
 
 def cache_key(member: Member, outputs: str = "probabilities") -> str:
@@ -157,7 +179,7 @@ def cached_export(
     with _locked(folder / f"{key}.lock"):
         if _intact(path, note_path):
             return path
-        note = _export_and_check(load_keras(member), bundle, member, path)
+        note = export_and_check(load_keras(member), bundle, member, path)
         with atomic_path(note_path) as tmp:
             tmp.write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
     return path
@@ -179,8 +201,10 @@ def _intact(path: Path, note_path: Path) -> bool:
         return False
 
 
-def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) -> dict[str, Any]:
-    """Export ``model`` to ``path`` (atomically), refusing it unless it matches Keras on a probe batch."""
+def export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) -> dict[str, Any]:
+    """Export ``model`` to ``path`` (atomically), refusing it unless it matches Keras on a probe batch.
+
+    The one export path: the cache here and the bundle's shipped files (``training/onnx_members.py``)."""
     import tensorflow as tf
 
     probe = np.stack([prepare(image, (member,))[member.name] for image in probe_images()])
@@ -197,8 +221,7 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
         except Exception as exc:  # tf2onnx raises whatever its converters raise; name it and move on
             raise BundleError(f"{where}: the ONNX export failed ({type(exc).__name__}: {exc}). "
                               "Run with --backend keras.") from exc
-        # Features are not bounded like probabilities: they are held to the tolerance relative to their size.
-        diff = max(float(np.abs(g - e).max() / max(1.0, np.abs(e).max())) for g, e in zip(got, expected, strict=True))
+        diff = difference(got, expected)
         if not diff <= PROBE_TOLERANCE:
             raise BundleError(
                 f"{where}: the ONNX export differs from Keras by {diff:.2e} on a probe batch (more than "
@@ -211,6 +234,12 @@ def _export_and_check(model: Any, bundle: Bundle, member: Member, path: Path) ->
         "probe_images": PROBE_IMAGES, "max_abs_diff_vs_keras": diff,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def difference(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    """Largest difference over a model's outputs. Features are not bounded like probabilities: they are
+    held to the tolerance relative to their size."""
+    return max(float(np.abs(g - e).max() / max(1.0, np.abs(e).max())) for g, e in zip(got, expected, strict=True))
 
 
 def probe_images() -> list[np.ndarray]:

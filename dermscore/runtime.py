@@ -104,8 +104,8 @@ def _select_jax_device(requested: str) -> str:
     return "gpu" if on_gpu else "cpu"
 
 
-def resolve_backend(runtime: Runtime, device: str) -> str:
-    """'keras' or 'onnx' for a run on ``device``.
+def resolve_backend(runtime: Runtime, device: str, exports: bool = True) -> str:
+    """'keras' or 'onnx' for a run on ``device``; ``exports`` False when the bundle ships its ONNX members.
 
     ``auto`` takes ONNX Runtime where it is the faster path we measured and checked: CPU, float32, no
     XLA, with the ``onnx`` extra installed; everything else (GPUs, mixed precision, XLA) stays on Keras.
@@ -124,8 +124,8 @@ def resolve_backend(runtime: Runtime, device: str) -> str:
           if keras_backend() != "tensorflow" else []),
     ]
     if runtime.backend == "auto":
-        return "keras" if problems or missing_packages() else "onnx"
-    missing = missing_packages()
+        return "keras" if problems or missing_packages(exports) else "onnx"
+    missing = missing_packages(exports)
     if missing:
         problems.append(f"{', '.join(missing)} cannot be imported; install them with `pip install 'dermscore[onnx]'`")
     if problems:

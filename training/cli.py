@@ -9,6 +9,8 @@
     python -m training export     # bundle folder for dermscore (then calibrate on it)
     python -m training calibrate --bundle models/ham10000-ensemble   # calibration, OOD detector, operating
                                   # points fitted from a bundle's own split; rewrites it as --version
+    python -m training onnx --bundle models/ham10000-ensemble   # ships each member's ONNX graph in the
+                                  # bundle (after calibrate), so the first run never exports
     python -m training all        # everything above, both members
 
 Every command takes every option (as the steps share one set of settings, a command line written for one
@@ -57,6 +59,9 @@ STEPS = {
               "Example: python -m training export --out models/ham10000-ensemble --version 2026.11.27",
     "calibrate": "Fit calibration, the OOD detector and the operating points from a bundle's own split.\n\n"
                  "Example: python -m training calibrate --bundle models/ham10000-ensemble --version 2026.11.27",
+    "onnx": "Write each member's ONNX graph into the bundle (run after calibrate), checked against Keras within "
+            "1e-4, so dermscore's first run exports nothing.\n\n"
+            "Example: python -m training onnx --bundle models/ham10000-ensemble",
     "all": "Every step from index to export, both members (or --member).\n\n"
            "Example: python -m training all --preset scratch-gpu --time-budget 7",
 }
@@ -79,7 +84,7 @@ def _options(
     metadata: Annotated[Optional[Path], typer.Option(help="Metadata CSV (default: DATA/HAM10000_metadata.csv).")] = None,
     work: Annotated[Path, typer.Option(help="Working folder (index, split, checkpoints, logs, caches).")] = REPO / "training-work",
     out: Annotated[Optional[Path], typer.Option(help="Bundle folder for export (default: models/ham10000-ensemble).")] = None,
-    bundle: Annotated[Optional[Path], typer.Option(help="calibrate: the bundle to fit (default: --out, else the default bundle); evaluate: score this bundle on its own split.csv test images through dermscore (plain and device-shifted) instead of the work folder's members.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="calibrate and onnx: the bundle to fit or complete (default: --out, else the default bundle); evaluate: score this bundle on its own split.csv test images through dermscore (plain and device-shifted) instead of the work folder's members.")] = None,
     train_limit: Annotated[int, typer.Option(help="calibrate: training images scored for the OOD statistics (a seeded random subset; 0 = all).")] = 2000,
     ood_crops: Annotated[int, typer.Option(help="calibrate: random crops per non-dermoscopic image.")] = 12,
     member: Annotated[Optional[list[str]], typer.Option(help="Member: inceptionv3 or densenet201 (repeat for both; default both).")] = None,
@@ -165,12 +170,12 @@ def _apply_threads(threads: int | None) -> None:
 
 def _run_steps(args: argparse.Namespace) -> int:
     _apply_threads(args.threads)
-    from training import steps  # noqa: PLC0415 (after the thread settings)
+    from training import onnx_members, steps  # noqa: PLC0415 (after the thread settings)
 
     started = time.time()
     for step in PIPELINE if args.step == "all" else (args.step,):
         t0 = time.time()
-        result = getattr(steps, f"run_{step}")(args)
+        result = getattr(onnx_members if step == "onnx" else steps, f"run_{step}")(args)
         print(json.dumps({"step": step, "seconds": round(time.time() - t0, 1), **(result or {})}, default=str), flush=True)
     if args.step == "all":
         print(f"all steps done in {time.time() - started:.0f} s", file=sys.stderr)
