@@ -147,3 +147,11 @@ def fitted_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert main(["calibrate", "--bundle", str(bundle), "--data", str(SMALL_200), "--work", str(root / "work"),
                  "--version", "0.0.2-test", "--train-limit", "0", "--ood-crops", "1"]) == 0
     return {"plain": plain, "bundle": bundle, "work": root / "work"}
+
+
+@pytest.fixture
+def fresh_onnx_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty ONNX export cache for one test (``$DERMSCORE_CACHE/onnx``), so it can see what a run writes."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DERMSCORE_CACHE", str(folder))
+    return folder / "onnx"

@@ -19,7 +19,7 @@ from dermscore.cli import app
 from dermscore.errors import BundleError, UsageError
 from dermscore.bench import ensemble_flops
 from dermscore.infer import Predictor, load_member
-from dermscore.onnx_backend import CACHE_ENV, OnnxModel, cache_key
+from dermscore.onnx_backend import OnnxModel, cache_key
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.runtime import Runtime, resolve_backend
 
@@ -27,13 +27,6 @@ pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'dermscor
 pytest.importorskip("tf2onnx", reason="the onnx extra (pip install 'dermscore[onnx]') is not installed")
 
 TOLERANCE = 1e-4
-
-
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv(CACHE_ENV, str(folder))
-    return folder / "onnx"
 
 
 def exports(cache: Path) -> dict[str, tuple[int, int]]:
@@ -46,7 +39,7 @@ def scores(folder: Path) -> pd.DataFrame:
 
 
 def test_onnx_run_equals_keras_and_a_second_run_reuses_the_export(
-    small_bundle: Path, sample_images: list[Path], cache: Path, tmp_path: Path
+    small_bundle: Path, sample_images: list[Path], fresh_onnx_cache: Path, tmp_path: Path
 ) -> None:
     runner = CliRunner()
     images = [str(p) for p in sample_images[:5]]
@@ -55,21 +48,21 @@ def test_onnx_run_equals_keras_and_a_second_run_reuses_the_export(
     keras_run = runner.invoke(app, ["run", *images, "--model", str(small_bundle), "--out", str(tmp_path / "k"),
                                     "--config", str(job), "--batch-size", "4"])
     assert keras_run.exit_code == 0, keras_run.output
-    assert not cache.exists()  # the Keras backend never exports
+    assert not fresh_onnx_cache.exists()  # the Keras backend never exports
 
     onnx_run = runner.invoke(app, ["run", *images, "--model", str(small_bundle), "--out", str(tmp_path / "o"),
                                    "--backend", "onnx", "--batch-size", "4"])
     assert onnx_run.exit_code == 0, onnx_run.output
-    first = exports(cache)
+    first = exports(fresh_onnx_cache)
     assert len(first) == 2  # one export per member
-    notes = [json.loads(p.read_text()) for p in cache.glob("*.json")]
+    notes = [json.loads(p.read_text()) for p in fresh_onnx_cache.glob("*.json")]
     assert sorted(n["member"] for n in notes) == ["densenet201", "inceptionv3"]
     assert all(n["max_abs_diff_vs_keras"] <= TOLERANCE for n in notes)
 
     again = runner.invoke(app, ["run", *images, "--model", str(small_bundle), "--out", str(tmp_path / "a"),
                                 "--batch-size", "4"])  # auto: ONNX on this CPU-only machine
     assert again.exit_code == 0, again.output
-    assert exports(cache) == first  # same files, untouched: no second export
+    assert exports(fresh_onnx_cache) == first  # same files, untouched: no second export
 
     keras, onnx, auto = scores(tmp_path / "k"), scores(tmp_path / "o"), scores(tmp_path / "a")
     assert list(onnx.index) == list(keras.index) == images
@@ -83,12 +76,12 @@ def test_onnx_run_equals_keras_and_a_second_run_reuses_the_export(
         assert run_sheet["Inference"].startswith(expected), run_sheet["Inference"]
 
 
-def test_a_damaged_cached_export_is_rebuilt(small_bundle: Path, cache: Path) -> None:
+def test_a_damaged_cached_export_is_rebuilt(small_bundle: Path, fresh_onnx_cache: Path) -> None:
     bundle = load_bundle(small_bundle)
     onnx = Runtime(backend="onnx")
     Predictor(bundle, 2, onnx)
     member = bundle.members[0]
-    path = cache / f"{cache_key(member)}.onnx"
+    path = fresh_onnx_cache / f"{cache_key(member)}.onnx"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights: still loads, silently wrong
     path.write_bytes(bytes(data))
@@ -108,13 +101,13 @@ def test_a_damaged_cached_export_is_rebuilt(small_bundle: Path, cache: Path) -> 
 
 
 def test_an_export_that_differs_from_keras_is_refused_or_replaced_by_keras(
-    small_bundle: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    small_bundle: Path, fresh_onnx_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bundle = load_bundle(small_bundle)
     monkeypatch.setattr(onnx_backend, "PROBE_TOLERANCE", -1.0)  # no export can pass this check
     with pytest.raises(BundleError, match="differs from Keras.*--backend keras"):
         Predictor(bundle, 2, Runtime(backend="onnx"))
-    assert not list(cache.glob("*.onnx"))  # nothing unchecked is left for the next run
+    assert not list(fresh_onnx_cache.glob("*.onnx"))  # nothing unchecked is left for the next run
     with pytest.warns(RuntimeWarning, match="Scoring with Keras instead"):
         predictor = Predictor(bundle, 2, Runtime(backend="auto"))
     assert predictor.backend == "keras"
@@ -147,7 +140,7 @@ def test_backend_onnx_without_onnxruntime_is_a_usage_error(
     assert not (tmp_path / "r" / "images.csv").exists()
 
 
-def test_a_cpu_run_with_a_cached_export_never_loads_tensorflow(small_bundle: Path, cache: Path) -> None:
+def test_a_cpu_run_with_a_cached_export_never_loads_tensorflow(small_bundle: Path, fresh_onnx_cache: Path) -> None:
     Predictor(load_bundle(small_bundle), 2, Runtime(backend="onnx"))  # warms the cache
     code = ("import sys; from dermscore.bundle import load_bundle; from dermscore.infer import Predictor; "
             "from dermscore.runtime import Runtime; "
@@ -158,7 +151,7 @@ def test_a_cpu_run_with_a_cached_export_never_loads_tensorflow(small_bundle: Pat
     assert done.stdout.split() == ["onnx", "False", "False"]
 
 
-def test_flip_averaged_members_export_and_match_keras(tmp_path: Path, cache: Path) -> None:
+def test_flip_averaged_members_export_and_match_keras(tmp_path: Path, fresh_onnx_cache: Path) -> None:
     """The shipped bundle's members average four flipped views inside the model (training.export): the
     ONNX export must carry that graph and agree with Keras, and the benchmark must count all four."""
     import keras
@@ -182,7 +175,7 @@ def test_flip_averaged_members_export_and_match_keras(tmp_path: Path, cache: Pat
     onnx_out = onnx_predictor(batch)
     for name in keras_out:
         assert np.abs(onnx_out[name] - keras_out[name]).max() <= TOLERANCE
-    assert len(list(cache.glob("*.onnx"))) == len(bundle.members)
+    assert len(list(fresh_onnx_cache.glob("*.onnx"))) == len(bundle.members)
     # The benchmark's FLOP count sees the four views that the per-layer count alone would miss.
     plain = load_bundle(make_bundle(tmp_path / "plain-bundle", [{**s, "model_file": tmp_path / f"plain{i}.keras"}
                                                               for i, s in enumerate(SMALL_MEMBERS)]))

@@ -14,7 +14,7 @@ import pytest
 from dermscore.bundle import MANIFEST, load_bundle, sha256_file
 from dermscore.errors import BundleError
 from dermscore.infer import Predictor, ood_scores
-from dermscore.onnx_backend import CACHE_ENV, OnnxModel, probe_images
+from dermscore.onnx_backend import OnnxModel, probe_images
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.runtime import Runtime
 
@@ -25,13 +25,6 @@ from conftest import SMALL_200  # noqa: E402
 from training.cli import main  # noqa: E402
 
 TOLERANCE = 1e-4
-
-
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv(CACHE_ENV, str(folder))
-    return folder / "onnx"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def batch_of(bundle: Path, n: int = 3) -> dict[str, np.ndarray]:
 
 
 def test_the_step_records_each_member_and_scoring_uses_it_without_export(
-    shipped: Path, fitted_bundle: dict[str, Path], cache: Path
+    shipped: Path, fitted_bundle: dict[str, Path], fresh_onnx_cache: Path
 ) -> None:
     bundle = load_bundle(shipped)
     assert bundle.identity == load_bundle(fitted_bundle["bundle"]).identity  # same scores, same ledger identity
@@ -64,7 +57,7 @@ def test_the_step_records_each_member_and_scoring_uses_it_without_export(
 
     onnx = Predictor(bundle, 3, Runtime(backend="onnx"))
     assert all(isinstance(m, OnnxModel) and m.path.parent == shipped for m in onnx.models.values())
-    assert not cache.exists()  # no export, nothing written to the cache
+    assert not fresh_onnx_cache.exists()  # no export, nothing written to the cache
 
     keras = Predictor(bundle, 3, Runtime(backend="keras"))
     batch = batch_of(shipped)
@@ -76,7 +69,7 @@ def test_the_step_records_each_member_and_scoring_uses_it_without_export(
     assert np.abs(ood_got - ood_expected).max() <= TOLERANCE * max(1.0, np.abs(ood_expected).max())
 
 
-def test_a_cpu_run_with_shipped_onnx_members_never_loads_tensorflow(shipped: Path, cache: Path) -> None:
+def test_a_cpu_run_with_shipped_onnx_members_never_loads_tensorflow(shipped: Path, fresh_onnx_cache: Path) -> None:
     """Nor needs the exporters: with tf2onnx and onnx unimportable, ``auto`` still picks ONNX Runtime."""
     code = ("import sys; sys.modules['tf2onnx'] = None; sys.modules['onnx'] = None; "
             "from dermscore.bundle import load_bundle; from dermscore.infer import Predictor; "
@@ -86,7 +79,7 @@ def test_a_cpu_run_with_shipped_onnx_members_never_loads_tensorflow(shipped: Pat
     done = subprocess.run([sys.executable, "-c", code, str(shipped)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["onnx", "False", "False"]
-    assert not cache.exists()
+    assert not fresh_onnx_cache.exists()
 
 
 def test_a_tampered_onnx_member_is_refused(shipped: Path, tmp_path: Path) -> None:
@@ -104,17 +97,17 @@ def test_a_tampered_onnx_member_is_refused(shipped: Path, tmp_path: Path) -> Non
 
 
 def test_a_bundle_without_onnx_members_still_exports_to_the_cache(
-    fitted_bundle: dict[str, Path], cache: Path
+    fitted_bundle: dict[str, Path], fresh_onnx_cache: Path
 ) -> None:
     bundle = load_bundle(fitted_bundle["bundle"])
     assert all(m.onnx is None for m in bundle.members)
     predictor = Predictor(bundle, 3, Runtime(backend="onnx"))
-    assert len(list(cache.glob("*.onnx"))) == len(bundle.members)
-    assert all(m.path.parent == cache for m in predictor.models.values())
+    assert len(list(fresh_onnx_cache.glob("*.onnx"))) == len(bundle.members)
+    assert all(m.path.parent == fresh_onnx_cache for m in predictor.models.values())
 
 
 def test_shipped_members_without_the_features_the_bundle_needs_fall_back_to_the_cache(
-    shipped: Path, tmp_path: Path, cache: Path
+    shipped: Path, tmp_path: Path, fresh_onnx_cache: Path
 ) -> None:
     """A bundle refitted after the step (calibrate adding an OOD detector) must not score with stale graphs."""
     copy = tmp_path / "bundle"
@@ -124,11 +117,11 @@ def test_shipped_members_without_the_features_the_bundle_needs_fall_back_to_the_
         raw["onnx"]["outputs"] = "probabilities"
     (copy / MANIFEST).write_text(json.dumps(manifest))
     predictor = Predictor(load_bundle(copy), 3, Runtime(backend="onnx"))
-    assert all(m.path.parent == cache for m in predictor.models.values())
+    assert all(m.path.parent == fresh_onnx_cache for m in predictor.models.values())
 
 
 def test_folded_batch_norm_kernels_are_stored_as_float16_and_score_as_the_float32_export(
-    tmp_path: Path, cache: Path
+    tmp_path: Path, fresh_onnx_cache: Path
 ) -> None:
     """Like the shipped members: float16-valued weights with batch normalisation, which tf2onnx folds into
     the convolution kernels; they are stored as float16 kernel times float32 scale, not left float32."""
@@ -165,7 +158,7 @@ def test_folded_batch_norm_kernels_are_stored_as_float16_and_score_as_the_float3
     bundle = load_bundle(folder)
     batch = batch_of(folder)
     shipped_out = Predictor(bundle, 3, Runtime(backend="onnx"))(batch)
-    assert not cache.exists()
+    assert not fresh_onnx_cache.exists()
     keras_out = Predictor(bundle, 3, Runtime(backend="keras"))(batch)
     for name in keras_out:
         assert np.abs(shipped_out[name] - keras_out[name]).max() <= TOLERANCE
