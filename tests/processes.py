@@ -39,3 +39,18 @@ def wait_until_paused(proc: subprocess.Popen, stderr: Path, timeout: float = 300
         time.sleep(0.1)
     proc.kill()
     pytest.fail("run never reached its pause point")
+
+
+def backend_in_a_fresh_process(bundle: Path, prelude: str = "") -> list[str]:
+    """[backend, tensorflow imported?, keras imported?] of a CPU Predictor loaded in a new process.
+
+    ``prelude`` runs first (e.g. making the exporters unimportable). Proves what a run loads, which an
+    in-process test cannot: the test process has long imported TensorFlow.
+    """
+    code = (f"import sys; {prelude}from dermscore.bundle import load_bundle; from dermscore.infer import Predictor; "
+            "from dermscore.runtime import Runtime; "
+            "p = Predictor(load_bundle(sys.argv[1]), 2, Runtime(device='cpu')); "
+            "print(p.backend, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()

@@ -26,6 +26,8 @@ from dermscore.runtime import Runtime, resolve_backend
 pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'dermscore[onnx]') is not installed")
 pytest.importorskip("tf2onnx", reason="the onnx extra (pip install 'dermscore[onnx]') is not installed")
 
+from processes import backend_in_a_fresh_process  # noqa: E402
+
 TOLERANCE = 1e-4
 
 
@@ -142,13 +144,7 @@ def test_backend_onnx_without_onnxruntime_is_a_usage_error(
 
 def test_a_cpu_run_with_a_cached_export_never_loads_tensorflow(small_bundle: Path, fresh_onnx_cache: Path) -> None:
     Predictor(load_bundle(small_bundle), 2, Runtime(backend="onnx"))  # warms the cache
-    code = ("import sys; from dermscore.bundle import load_bundle; from dermscore.infer import Predictor; "
-            "from dermscore.runtime import Runtime; "
-            "p = Predictor(load_bundle(sys.argv[1]), 2, Runtime(device='cpu')); "
-            "print(p.backend, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code, str(small_bundle)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["onnx", "False", "False"]
+    assert backend_in_a_fresh_process(small_bundle) == ["onnx", "False", "False"]
 
 
 def test_flip_averaged_members_export_and_match_keras(tmp_path: Path, fresh_onnx_cache: Path) -> None:

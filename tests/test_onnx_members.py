@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'dermscor
 pytest.importorskip("tf2onnx", reason="the onnx extra (pip install 'dermscore[onnx]') is not installed")
 
 from conftest import SMALL_200  # noqa: E402
+from processes import backend_in_a_fresh_process  # noqa: E402
 from training.cli import main  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -71,14 +70,8 @@ def test_the_step_records_each_member_and_scoring_uses_it_without_export(
 
 def test_a_cpu_run_with_shipped_onnx_members_never_loads_tensorflow(shipped: Path, fresh_onnx_cache: Path) -> None:
     """Nor needs the exporters: with tf2onnx and onnx unimportable, ``auto`` still picks ONNX Runtime."""
-    code = ("import sys; sys.modules['tf2onnx'] = None; sys.modules['onnx'] = None; "
-            "from dermscore.bundle import load_bundle; from dermscore.infer import Predictor; "
-            "from dermscore.runtime import Runtime; "
-            "p = Predictor(load_bundle(sys.argv[1]), 2, Runtime(device='cpu')); "
-            "print(p.backend, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code, str(shipped)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["onnx", "False", "False"]
+    blocked = "sys.modules['tf2onnx'] = None; sys.modules['onnx'] = None; "
+    assert backend_in_a_fresh_process(shipped, blocked) == ["onnx", "False", "False"]
     assert not fresh_onnx_cache.exists()
 
 
