@@ -162,12 +162,12 @@ def max_divergence(distributions: np.ndarray) -> float:
     return min(max(worst, 0.0), 1.0)
 
 
-def disagree(distributions: np.ndarray, thresholds: Thresholds, top_class: bool = True) -> tuple[bool, float]:
-    """Whether the rows' divergence reaches the threshold (or, with ``top_class``, their top classes differ),
-    and the divergence."""
+def disagree(distributions: np.ndarray, disagreement: float, top_class: bool = True) -> tuple[bool, float]:
+    """Whether the rows' divergence reaches ``disagreement`` (or, with ``top_class``, their top classes
+    differ), and the divergence. Callers pass a resolved threshold (``Thresholds.for_bundle``)."""
     divergence = max_divergence(distributions)
     tops = set(np.argmax(np.asarray(distributions), axis=1).tolist())
-    return ((top_class and len(tops) > 1) or divergence >= thresholds.for_bundle(None).disagreement), divergence
+    return ((top_class and len(tops) > 1) or divergence >= disagreement), divergence
 
 
 def _flags(malignant: bool, reasons: Iterable[str]) -> dict[str, str]:
@@ -230,7 +230,7 @@ def image_row(
     row.update(decision(probabilities, bundle, top=int(np.argmax(balanced))))
     for member, member_probabilities in zip(bundle.members, members):
         row[member_column(member.name)] = bundle.classes[int(np.argmax(member_probabilities))]
-    members_disagree, row["member_divergence"] = disagree(members, thresholds, bool(thresholds.top_class))
+    members_disagree, row["member_divergence"] = disagree(members, thresholds.disagreement, bool(thresholds.top_class))
     poor = quality.problems(ref.quality, bundle.members)
     row["quality"] = quality.label(poor, SEPARATOR)
     if bundle.ood:  # the column exists only for bundles with a detector: older bundles' rows stay as they were
@@ -276,7 +276,7 @@ def lesion_rows(
                                   "body_site": _common(rows, "body_site")}
         lesion.update({code: float(p) for code, p in zip(bundle.classes, probabilities)})
         lesion.update(decision(probabilities, bundle, top=int(np.argmax(balanced))))
-        images_disagree, lesion["image_divergence"] = disagree(images, thresholds)
+        images_disagree, lesion["image_divergence"] = disagree(images, thresholds.disagreement)
         malignant = lesion["malignant_probability"] >= thresholds.malignant
         reasons = ["low-confidence"] if lesion["confidence"] < thresholds.review else []
         if images_disagree:

@@ -72,10 +72,10 @@ def test_divergence_is_zero_for_identical_one_for_disjoint_and_symmetric() -> No
 def test_disagreement_when_top_classes_differ_or_divergence_reaches_threshold() -> None:
     near_tie = np.stack([dist(mel=0.41, nv=0.40), dist(mel=0.40, nv=0.41)])
     same_top = np.stack([dist(mel=0.95), dist(mel=0.35, nv=0.30)])
-    assert disagree(near_tie, Thresholds())[0]  # different top class, tiny divergence
-    flagged, divergence = disagree(same_top, Thresholds(disagreement=0.1))
+    assert disagree(near_tie, Thresholds().for_bundle(None).disagreement)[0]  # different top class, tiny divergence
+    flagged, divergence = disagree(same_top, 0.1)
     assert flagged and divergence >= 0.1
-    assert not disagree(same_top, Thresholds(disagreement=divergence + 0.01))[0]
+    assert not disagree(same_top, divergence + 0.01)[0]
 
 
 def test_image_row_columns_flags_and_member_top_classes() -> None:

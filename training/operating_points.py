@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dermscore.aggregate import Thresholds, disagree
+from dermscore.aggregate import disagree
 
 SENSITIVITY_TARGET = 0.90
 MAX_REVIEW_SHARE = 0.25
@@ -35,8 +35,7 @@ def malignant_threshold(malignant_probability: np.ndarray, malignant: np.ndarray
 
 def members_disagree(members: np.ndarray, disagreement: float, top_class: bool) -> np.ndarray:
     """(n,) the ``members-disagree`` reason for (members, n, classes) probabilities, as dermscore decides it."""
-    thresholds = Thresholds(disagreement=disagreement)
-    return np.array([disagree(members[:, i], thresholds, top_class)[0] for i in range(members.shape[1])])
+    return np.array([disagree(members[:, i], disagreement, top_class)[0] for i in range(members.shape[1])])
 
 
 def review_flags(side: dict, rule: dict) -> np.ndarray:
