@@ -252,6 +252,65 @@ def export(
     typer.echo(f"wrote {', '.join(sorted(p.name for p in out.glob('*.tflite')))} and {manifest.name} to {out}")
 
 
+review_app = typer.Typer(
+    help="Reviewer verdicts: read the reviewer_class, reviewer and reviewer_note columns of a report back into "
+    "the run ledger.\n\nExample: dermscore review import results/report.xlsx",
+    no_args_is_help=True,
+)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("import")
+def review_import(
+    report: Annotated[Path, typer.Argument(help="report.xlsx with verdicts, as dermscore, Excel or LibreOffice Calc saved it.")],
+    ledger: Annotated[Optional[Path], typer.Option(help="Run ledger (default: the one the report's Run sheet names, else ledger.sqlite beside the report or one folder up).")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for a run holding the ledger (exit 5 after).")] = 0.0,
+) -> None:
+    """Store the verdicts of a report's Lesions sheet in its ledger; all or nothing, unchanged verdicts are not stored again.
+
+    Example: dermscore review import results/report.xlsx
+    """
+    from dermscore.review.verdicts import import_verdicts
+
+    try:
+        summary = import_verdicts(report, ledger, wait)
+    except DermscoreError as exc:
+        _fail(exc)
+    typer.echo(f"{summary.new} new and {summary.changed} changed verdict(s) stored in {summary.ledger}; "
+               f"{summary.unchanged} unchanged. Later reports of this bundle show them.")
+
+
+@app.command()
+def evaluate(
+    report: Annotated[Path, typer.Argument(help="report.xlsx, or the folder holding it with its CSV files.")],
+    labels: Annotated[Optional[Path], typer.Option(help="HAM10000-style CSV with image_id and dx columns (image_id = file stem).")] = None,
+    verdicts: Annotated[bool, typer.Option("--verdicts/--no-verdicts", help="Also compare with the reviewer verdicts in the ledger.")] = True,
+    ledger: Annotated[Optional[Path], typer.Option(help="Run ledger (default: the one the report names).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for evaluation.csv, .xlsx and .png (default: the report's folder).")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for a run holding the ledger (exit 5 after).")] = 0.0,
+) -> None:
+    """Compare the ensemble with reviewer verdicts and/or labels: balanced accuracy, per-class recall, malignant
+    sensitivity and specificity, calibration, overall and by month of scoring.
+
+    Example: dermscore evaluate results/report.xlsx --labels HAM10000_metadata.csv
+    """
+    from dermscore.review.performance import evaluate_report
+
+    try:
+        result = evaluate_report(report, labels, verdicts, ledger, out, wait)
+    except DermscoreError as exc:
+        _fail(exc)
+    for row in result.rows:
+        if row["period"] == "all":
+            figures = ", ".join(f"{name.replace('_', ' ')} {row[name]:.3f}" for name in
+                                ("balanced_accuracy", "malignant_sensitivity", "malignant_specificity", "ece")
+                                if row[name] is not None)
+            typer.echo(f"{row['truth']}: {row['n']} {row['level']}(s); {figures}")
+    typer.echo(f"{result.unlabelled} image(s) without a label, {result.unreviewed} lesion(s) without a verdict class; "
+               f"wrote {', '.join(str(p) for p in result.files)}")
+    typer.echo("Results are decision support for research, not a diagnosis.")
+
+
 @app.command()
 def version() -> None:
     """Print the dermscore version.

@@ -18,9 +18,14 @@ Tables:
   skipped.csv covers earlier runs like the other reports. A location is in at most one of
   ``inputs`` and ``skipped_objects``: the latest run's decision wins (``--modality CT`` scores a CT
   that an earlier run set aside, and the next run without it sets it aside again).
+- ``verdicts`` (schema 3): reviewer verdicts read back from the Lesions sheet (``dermscore review
+  import``), one row per (bundle identity, lesion id) and change: a verdict that differs from the
+  lesion's latest is appended with its time, so the history is kept and re-importing a file adds nothing.
+  The latest row per lesion is the verdict later reports show.
 
-Schema versions (``PRAGMA user_version``): 1 the first; 2 adds ``skipped_objects``. Opening a
-version-1 ledger creates the table (nothing else changes), so existing ledgers keep their results.
+Schema versions (``PRAGMA user_version``): 1 the first; 2 adds ``skipped_objects``; 3 adds ``verdicts``.
+Opening an older ledger creates the missing tables (nothing else changes), so existing ledgers keep
+their results.
 
 Only one run may hold a ledger: an exclusive ``fcntl.flock`` on ``<ledger>.lock``, which the kernel
 releases when the process dies, however it dies. POSIX only (cron and systemd hosts).
@@ -53,11 +58,11 @@ import numpy as np
 
 from dermscore.errors import LedgerBusyError, OutputError, UsageError
 from dermscore.infer import bounded_map
-from dermscore.records import Failure, ImageRef, Scored, Skipped, Source
+from dermscore.records import Failure, ImageRef, Scored, Skipped, Source, Verdict
 from dermscore.storage import file_writes, ledger_writes, same_file, storage_errno
 
 LEDGER_NAME = "ledger.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NO_FRAME = -1
 # Which inputs a run takes on (see README, "Scheduled jobs"): the default retries failures.
 SELECTIONS = ("default", "rescore", "skip-failed", "retry-failed")
@@ -104,6 +109,17 @@ CREATE TABLE IF NOT EXISTS skipped_objects (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (bundle, location)
 );
+CREATE TABLE IF NOT EXISTS verdicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    bundle TEXT NOT NULL,
+    lesion_id TEXT NOT NULL,
+    reviewer_class TEXT,
+    reviewer TEXT,
+    reviewer_note TEXT,
+    report TEXT NOT NULL,
+    recorded_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS verdicts_lesion ON verdicts (bundle, lesion_id, id);
 CREATE INDEX IF NOT EXISTS images_run ON images (run_id);
 CREATE INDEX IF NOT EXISTS inputs_run ON inputs (run_id);
 """
@@ -287,6 +303,58 @@ class Ledger:
         query = (f"SELECT {columns} FROM {table} WHERE s.bundle = ? AND {condition}" + self._scope(new_only, "s")
                  + " ORDER BY s.location")
         return self.db.execute(query, (bundle_identity,)).fetchall()
+
+
+    # --- reviewer verdicts ------------------------------------------------------------------------
+    def has_bundle(self, bundle_identity: str) -> bool:
+        """Whether any run of this bundle identity used this ledger (a report's verdicts belong here)."""
+        return self.db.execute("SELECT 1 FROM runs WHERE bundle = ? LIMIT 1", (bundle_identity,)).fetchone() is not None
+
+    def latest_verdicts(self, bundle_identity: str) -> dict[str, Verdict]:
+        """lesion id -> the lesion's latest verdict under this bundle identity."""
+        rows = self.db.execute(
+            "SELECT lesion_id, reviewer_class, reviewer, reviewer_note, recorded_at FROM verdicts v WHERE bundle = ? "
+            "AND id = (SELECT max(id) FROM verdicts WHERE bundle = v.bundle AND lesion_id = v.lesion_id)",
+            (bundle_identity,),
+        )
+        return {row[0]: Verdict(*row) for row in rows}
+
+    def verdict_history(self, bundle_identity: str, lesion_id: str) -> list[Verdict]:
+        """Every verdict recorded for one lesion, oldest first."""
+        rows = self.db.execute(
+            "SELECT lesion_id, reviewer_class, reviewer, reviewer_note, recorded_at FROM verdicts "
+            "WHERE bundle = ? AND lesion_id = ? ORDER BY id", (bundle_identity, lesion_id))
+        return [Verdict(*row) for row in rows]
+
+    def record_verdicts(self, bundle_identity: str, verdicts: Iterable[Verdict], report: str) -> tuple[int, int, int]:
+        """Append each verdict that differs from its lesion's latest, in one transaction (all or nothing).
+
+        Returns (new, changed, unchanged): lesions without a verdict before, lesions whose verdict
+        changed, and verdicts equal to the latest, which are not stored again.
+        """
+        self.ensure_present()
+        latest = self.latest_verdicts(bundle_identity)
+        counts: Counter[str] = Counter()
+        now = utc_now()
+        with self.db:
+            for verdict in verdicts:
+                before = latest.get(verdict.lesion_id)
+                if before == verdict:
+                    counts["unchanged"] += 1
+                    continue
+                counts["new" if before is None else "changed"] += 1
+                self.db.execute(
+                    "INSERT INTO verdicts (bundle, lesion_id, reviewer_class, reviewer, reviewer_note, report, "
+                    "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (bundle_identity, verdict.lesion_id, verdict.reviewer_class, verdict.reviewer,
+                     verdict.reviewer_note, report, now),
+                )
+        return counts["new"], counts["changed"], counts["unchanged"]
+
+    def scoring_times(self, bundle_identity: str) -> dict[tuple[str, int | None], str]:
+        """(location, frame) -> when the image was scored (UTC ISO 8601), for evaluation by month."""
+        rows = self.db.execute("SELECT location, frame, scored_at FROM images WHERE bundle = ?", (bundle_identity,))
+        return {(location, None if frame == NO_FRAME else frame): at for location, frame, at in rows}
 
 
 class Recorder:

@@ -92,3 +92,33 @@ class Scored:
     ref: ImageRef
     member_probabilities: dict[str, np.ndarray]
     ood_score: float | None = None
+
+
+# --- reviewer verdicts (dermscore.review) ----------------------------------------------------------
+NOT_A_LESION = "not-a-lesion"  # the image shows no lesion (skin, a ruler, a photograph): excluded from accuracy
+UNSURE = "unsure"  # the reviewer cannot tell: excluded from accuracy, counted
+VERDICT_COLUMNS = ("reviewer_class", "reviewer", "reviewer_note")  # Lesions sheet and lesions.csv, in this order
+
+
+def verdict_choices(classes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """What a reviewer may write in ``reviewer_class``: the bundle's classes, then the two non-answers."""
+    return (*classes, NOT_A_LESION, UNSURE)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A reviewer's word on one lesion, as read from a report's Lesions sheet (any field may be empty).
+
+    Two verdicts are equal when what the reviewer wrote is equal; when it was recorded does not count,
+    so importing the same file twice changes nothing.
+    """
+
+    lesion_id: str
+    reviewer_class: str | None = None
+    reviewer: str | None = None
+    reviewer_note: str | None = None
+    recorded_at: str = field(default="", compare=False)
+
+    def columns(self) -> dict[str, str | None]:
+        """The report cells this verdict fills."""
+        return {name: getattr(self, name) for name in VERDICT_COLUMNS}

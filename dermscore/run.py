@@ -249,9 +249,12 @@ def _report(
                    thresholds=options.thresholds.for_bundle(bundle),
                    threshold_sources={k: v for k, (_, v) in options.thresholds.sources(bundle).items()},
                    lesion_maps=[f"{m.kind}: {m.path}" for m in lesion_maps], pseudonymized=key is not None,
+                   ledger=str(Path(ledger.path).resolve()),
                    **environment(summary.device, options.engine, summary.backend))
     failures = ledger.failures(bundle.identity, new_only)
     skipped = ledger.skipped_objects(bundle.identity, new_only)
+    # Reviewer notes may name the patient, so reports that leave the clinic pseudonymised carry no verdicts.
+    verdicts = None if key else ledger.latest_verdicts(bundle.identity)
     with file_writes(f"the reports in {options.out}"):
         summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails,
-                                    skipped, options.dicom_sr)
+                                    skipped, options.dicom_sr, verdicts)

@@ -20,6 +20,7 @@ from conftest import SMALL_200
 from dermscore.aggregate import image_columns, lesion_columns
 from dermscore.bundle import CLASS_CODES, read_bundle
 from dermscore.cli import app
+from dermscore.records import VERDICT_COLUMNS
 from dermscore.report.excel import PERCENT
 from dermscore.report.run_info import DISCLAIMER
 
@@ -67,7 +68,7 @@ def test_workbook_has_the_sheets_headers_frozen_panes_and_filters(report: dict) 
     wb = load_workbook(report["out"] / "report.xlsx")
     assert wb.sheetnames == SHEETS
     bundle = report["bundle"]
-    expected = {"Lesions": ["thumbnail", *lesion_columns(bundle)], "Images": image_columns(bundle),
+    expected = {"Lesions": ["thumbnail", *lesion_columns(bundle), *VERDICT_COLUMNS], "Images": image_columns(bundle),
                 "Errors": ["source", "stage", "reason"], "Skipped": ["source", "category", "reason"]}
     for name, header in expected.items():
         ws = wb[name]
@@ -131,7 +132,7 @@ def test_lesion_rows_aggregate_the_images_of_each_ham10000_lesion(report: dict) 
     assert sorted(own.index) == sorted("'" + name for name in HOSTILE_NAMES)  # no map entry: own lesion
     assert (own["n_images"] == 1).all()
     csv_lesions = pd.read_csv(report["out"] / "lesions.csv").set_index("lesion_id")
-    assert list(csv_lesions.columns) == lesion_columns(report["bundle"])[1:]
+    assert list(csv_lesions.columns) == [*lesion_columns(report["bundle"]), *VERDICT_COLUMNS][1:]
     assert np.allclose(csv_lesions.loc[lesions.index, "confidence"], lesions["confidence"])
 
 

@@ -22,7 +22,7 @@ from dermscore.aggregate import image_columns
 from dermscore.bundle import read_bundle
 from dermscore.cli import app
 from dermscore.config import load_job
-from dermscore.ledger import Recorder, open_ledger
+from dermscore.ledger import SCHEMA_VERSION, Recorder, open_ledger
 from dermscore.records import ImageRef, Scored
 from dermscore.run import RunOptions
 
@@ -168,6 +168,6 @@ def test_a_schema_1_ledger_row_without_quality_reports_an_empty_quality(small_bu
     assert "poor-quality" not in str(images["review_reasons"].iloc[0])
     assert pd.read_csv(tmp_path / "out" / "errors.csv").empty
     db = sqlite3.connect(ledger_path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION  # migrated to the current schema
     assert db.execute("SELECT count(*) FROM skipped_objects").fetchone()[0] == 0
     db.close()

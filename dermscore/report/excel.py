@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from openpyxl.drawing.image import Image as XLImage
 from openpyxl.formatting.rule import FormulaRule
 from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
+from openpyxl.worksheet.datavalidation import DataValidation
 from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
 from dermscore.aggregate import FLAG_MALIGNANT, FLAG_REVIEW, POOR_QUALITY, SEPARATOR, Thresholds
@@ -67,6 +68,8 @@ class Table:
     rows: Sequence[Mapping[str, Any]]
     percent: frozenset[str] = frozenset()
     decimals: frozenset[str] = frozenset()
+    # column -> the values a drop-down offers (Excel and LibreOffice refuse others when typed in the cell)
+    choices: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 def _text(value: str) -> str:
@@ -129,9 +132,25 @@ def _highlight(ws: WriteOnlyWorksheet, columns: Sequence[str], n_rows: int, thre
     ws.conditional_formatting.add(area, FormulaRule(formula=[review], fill=REVIEW_FILL))
 
 
+def _drop_downs(ws: WriteOnlyWorksheet, columns: Sequence[str], table: Table) -> None:
+    """A list validation over each data cell of the columns in ``table.choices``.
+
+    The list is written inline (``"a,b,c"``), which Excel limits to 255 characters: ample for class codes.
+    """
+    for column, values in table.choices.items():
+        if column not in columns or not table.rows:
+            continue
+        letter = get_column_letter(columns.index(column) + 1)
+        validation = DataValidation(type="list", formula1='"' + ",".join(values) + '"', allow_blank=True,
+                                    showErrorMessage=True, errorTitle=column,
+                                    error=f"Choose one of: {', '.join(values)}")
+        validation.add(f"{letter}2:{letter}{len(table.rows) + 1}")
+        ws.data_validations.append(validation)
+
+
 def _table_sheet(
     wb: Workbook, table: Table, thresholds: Thresholds | None = None, thumbnails: Sequence[bytes | None] = ()
-) -> None:
+) -> WriteOnlyWorksheet:
     """A sheet with a frozen, filterable header; ``thumbnails`` (one per row) adds a first picture column."""
     ws = _sheet(wb, table.title)
     columns = ([THUMBNAIL_COLUMN] if thumbnails else []) + list(table.columns)
@@ -142,6 +161,7 @@ def _table_sheet(
     ws.auto_filter.ref = f"A1:{get_column_letter(len(columns))}{len(table.rows) + 1}"
     if thresholds is not None:
         _highlight(ws, columns, len(table.rows), thresholds)
+    _drop_downs(ws, columns, table)
     ws.append(_header(ws, columns))
     for index, row in enumerate(table.rows):
         cells = [None] if thumbnails else []
@@ -154,6 +174,7 @@ def _table_sheet(
             picture.anchor = f"A{index + 2}"
             ws.add_image(picture)
         ws.append(cells)
+    return ws
 
 
 def _count(rows: Sequence[Mapping[str, Any]], key: str, value: str) -> int:
@@ -208,6 +229,14 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Run sheet items that `dermscore review import` and `dermscore evaluate` read back (dermscore.review).
+RUN_IDENTITY = "Bundle identity"
+RUN_CLASSES = "Classes"
+RUN_MALIGNANT_CLASSES = "Malignant classes"
+RUN_LEDGER = "Ledger"
+RUN_PSEUDONYMIZED = "Patient identifiers pseudonymised"
+PSEUDONYMIZED_YES = "yes (HMAC-SHA256)"
+
 THRESHOLD_LABELS = {
     "malignant": ("Malignant threshold (malignant flag)", PERCENT),
     "review": ("Review threshold (top probability below)", PERCENT),
@@ -242,19 +271,16 @@ def _threshold_items(bundle: Bundle, info: RunInfo) -> list[tuple[str, Any, str 
 
 
 def _run_sheet(wb: Workbook, bundle: Bundle, info: RunInfo) -> None:
-    ws = _sheet(wb, "Run")
-    ws.column_dimensions["A"].width = 36
-    ws.column_dimensions["B"].width = RUN_VALUE_WIDTH
-    ws.freeze_panes = "A2"
     items: list[tuple[str, Any, str | None]] = [
         ("Statement", DISCLAIMER, None),
         ("dermscore version", info.tool_version, None),
         ("Bundle name", bundle.name, None),
         ("Bundle version", bundle.version, None),
-        ("Bundle identity", bundle.identity, None),
+        (RUN_IDENTITY, bundle.identity, None),
         ("Bundle path", str(Path(bundle.path).resolve()), None),
         *((f"Weights sha256 ({m.name}, {m.architecture})", m.sha256, None) for m in bundle.members),
-        ("Malignant classes", ", ".join(bundle.malignant_classes), None),
+        (RUN_CLASSES, ", ".join(bundle.classes), None),
+        (RUN_MALIGNANT_CLASSES, ", ".join(bundle.malignant_classes), None),
         ("Intended use", bundle.intended_use, None),
         ("TensorFlow version", info.tensorflow_version, None),
         ("Keras version", info.keras_version, None),
@@ -267,8 +293,18 @@ def _run_sheet(wb: Workbook, bundle: Bundle, info: RunInfo) -> None:
         ("Finished (UTC)", _iso(info.finished), None),
         ("Run time (seconds)", round(info.seconds, 3), None),
         *_threshold_items(bundle, info),
-        ("Patient identifiers pseudonymised", "yes (HMAC-SHA256)" if info.pseudonymized else "no", None),
+        (RUN_PSEUDONYMIZED, PSEUDONYMIZED_YES if info.pseudonymized else "no", None),
+        (RUN_LEDGER, info.ledger, None),
     ]
+    _items_sheet(wb, "Run", items)
+
+
+def _items_sheet(wb: Workbook, title: str, items: Sequence[tuple[str, Any, str | None]]) -> None:
+    """A two-column sheet of (item, value), long values wrapped."""
+    ws = _sheet(wb, title)
+    ws.column_dimensions["A"].width = 36
+    ws.column_dimensions["B"].width = RUN_VALUE_WIDTH
+    ws.freeze_panes = "A2"
     ws.append(_header(ws, ["Item", "Value"]))
     for row, (label, value, fmt) in enumerate(items, start=2):
         cell = _cell(ws, value, fmt)
@@ -299,6 +335,20 @@ def write_workbook(
     _table_sheet(wb, errors)
     _table_sheet(wb, skipped)
     _run_sheet(wb, bundle, info)
+    with atomic_path(Path(path)) as tmp:
+        wb.save(tmp)
+    return Path(path)
+
+
+def write_evaluation_workbook(path: Path, table: Table, about: Sequence[tuple[str, Any]], chart: bytes) -> Path:
+    """``dermscore evaluate``'s workbook: the figures (``table``) with the chart below them, and an About
+    sheet saying what was compared and which model scored it (``about``), atomically."""
+    wb = Workbook(write_only=True)
+    ws = _table_sheet(wb, table)
+    picture = XLImage(io.BytesIO(chart))
+    picture.anchor = f"A{len(table.rows) + 3}"
+    ws.add_image(picture)
+    _items_sheet(wb, "About", [(label, value, None) for label, value in about])
     with atomic_path(Path(path)) as tmp:
         wb.save(tmp)
     return Path(path)

@@ -32,6 +32,7 @@ class RunInfo:
     tool_version: str = __version__
     lesion_maps: list[str] = field(default_factory=list)  # "metadata: path/to/file.csv"
     pseudonymized: bool = False
+    ledger: str = ""  # the run ledger's absolute path, so `dermscore review import` finds it from the report
 
     @property
     def seconds(self) -> float:

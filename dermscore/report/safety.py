@@ -18,3 +18,10 @@ def neutralise(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
         return "'" + value
     return value
+
+
+def restore(value: Any) -> Any:
+    """Undo ``neutralise``: a value read back from a report, as it was before the quote was added."""
+    if isinstance(value, str) and value.startswith("'") and value[1:].startswith(FORMULA_PREFIXES):
+        return value[1:]
+    return value

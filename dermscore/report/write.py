@@ -17,7 +17,7 @@ from typing import Any
 from dermscore.aggregate import image_columns, lesion_columns, lesion_rows
 from dermscore.bundle import Bundle
 from dermscore.errors import UsageError
-from dermscore.records import Failure, Skipped
+from dermscore.records import VERDICT_COLUMNS, Failure, Skipped, Verdict, verdict_choices
 from dermscore.report.csv import write_csv
 from dermscore.report.excel import Table, write_workbook
 from dermscore.report.isic import ISIC_CSV, write_isic_csv
@@ -71,19 +71,24 @@ def write_reports(
     thumbnails: Mapping[str, bytes] | None = None,
     skipped: Sequence[Skipped] = (),
     dicom_sr: bool = False,
+    verdicts: Mapping[str, Verdict] | None = None,
 ) -> Path:
     """Write all reports (see ``report_folder`` for where) and return the folder they are in.
 
     ``thumbnails`` maps lesion id -> PNG bytes for the workbook's Lesions sheet; ``skipped`` lists the
     objects discovery set aside (skipped.csv and the Skipped sheet); ``dicom_sr`` adds one DICOM SR per
-    study scored from DICOM inputs (dermscore.report.dicom_sr).
+    study scored from DICOM inputs (dermscore.report.dicom_sr); ``verdicts`` (lesion id -> the latest
+    reviewer verdict) pre-fills the reviewer columns, so a regenerated report keeps the reviewer's work.
     """
     folder = report_folder(out, run_info, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     lesions = lesion_rows(image_rows, bundle, run_info.thresholds)
+    for lesion in lesions:
+        if verdicts and lesion["lesion_id"] in verdicts:
+            lesion.update(verdicts[lesion["lesion_id"]].columns())
     errors = [error_row(f) for f in failures]
     set_aside = [skipped_row(s) for s in skipped]
-    image_cols, lesion_cols = image_columns(bundle), lesion_columns(bundle)
+    image_cols, lesion_cols = image_columns(bundle), [*lesion_columns(bundle), *VERDICT_COLUMNS]
     write_csv(folder / IMAGES_CSV, image_cols, image_rows)
     write_csv(folder / LESIONS_CSV, lesion_cols, lesions)
     write_csv(folder / ERRORS_CSV, ERROR_COLUMNS, errors)
@@ -91,7 +96,8 @@ def write_reports(
     write_isic_csv(folder, bundle, image_rows)
     percent = frozenset({*bundle.classes, "confidence", "malignant_probability"})
     tables = (
-        Table("Lesions", lesion_cols, lesions, percent, frozenset({"image_divergence"})),
+        Table("Lesions", lesion_cols, lesions, percent, frozenset({"image_divergence"}),
+              {VERDICT_COLUMNS[0]: verdict_choices(bundle.classes)}),
         Table("Images", image_cols, image_rows, percent, frozenset({"member_divergence"})),
         Table("Errors", ERROR_COLUMNS, errors),
         Table("Skipped", SKIPPED_COLUMNS, set_aside),
