@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +100,7 @@ UNSURE = "unsure"  # the reviewer cannot tell: excluded from accuracy, counted
 VERDICT_COLUMNS = ("reviewer_class", "reviewer", "reviewer_note")  # Lesions sheet and lesions.csv, in this order
 
 
-def verdict_choices(classes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+def verdict_choices(classes: Sequence[str]) -> tuple[str, ...]:
     """What a reviewer may write in ``reviewer_class``: the bundle's classes, then the two non-answers."""
     return (*classes, NOT_A_LESION, UNSURE)
 

@@ -86,8 +86,8 @@ def fill(report: Path, target: Path, verdicts: dict[str, tuple[str | None, str |
         if lesion in verdicts:
             for name, value in zip(VERDICT_COLUMNS, verdicts[lesion]):
                 cell = ws.cell(row, columns[name], value)
-                if isinstance(value, str):
-                    cell.data_type = "s"  # text, as typed after a quote; openpyxl would make '=...' a formula
+                if isinstance(value, str) and value.startswith("="):
+                    cell.data_type = "s"  # text, as typed after a quote; openpyxl would make it a formula
     wb.save(target)
     return target
 
@@ -209,7 +209,7 @@ def test_a_bad_value_names_sheet_cell_and_value_and_nothing_is_stored(run_copy: 
     ledger = run_copy / "ledger.sqlite"
     first, second, *_ = lesion_ids(run_copy)
     filled = fill(run_copy / "report.xlsx", tmp_path / "bad.xlsx",
-                  {first: ("mel", "dr-a", None), second: ("melanoma?", "dr-a", None)})
+                  {first: ("mel", "dr-a", None), second: ("melanoma?", "dr-a", "#NAME?")})
     ws = load_workbook(filled)["Lesions"]
     column = ws.cell(1, header(ws)["reviewer_class"]).column_letter
     row = next(r for r in range(2, ws.max_row + 1) if ws.cell(r, header(ws)["lesion_id"]).value == second)
@@ -217,7 +217,9 @@ def test_a_bad_value_names_sheet_cell_and_value_and_nothing_is_stored(run_copy: 
     assert result.exit_code == 2
     assert (f"Lesions!{column}{row}: 'melanoma?' is not one of akiec, bcc, bkl, df, mel, nv, vasc, not-a-lesion, "
             "unsure") in result.output
-    assert "nothing was stored" in result.output
+    note = ws.cell(1, header(ws)["reviewer_note"]).column_letter
+    assert f"Lesions!{note}{row}: '#NAME?' is a formula's error" in result.output  # e.g. '=looks odd' typed in Calc
+    assert "2 bad cell(s), so nothing was imported" in result.output
     assert stored(ledger) == []  # the good verdict on the other row was not stored either
 
 

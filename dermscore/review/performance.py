@@ -78,7 +78,8 @@ def evaluate_report(
     if verdicts:
         lesion_months: dict[str, str] = {}
         for row, month in zip(images, months):
-            lesion_months[row["lesion_id"]] = max(lesion_months.get(row["lesion_id"], month), month)
+            if month != UNKNOWN_MONTH:
+                lesion_months[row["lesion_id"]] = max(lesion_months.get(row["lesion_id"], month), month)
         truth = [latest[row["lesion_id"]].reviewer_class if row["lesion_id"] in latest else None for row in lesions]
         result.unreviewed = truth.count(None)
         result.rows += _figures(VERDICTS, "lesion", lesions, truth,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openpyxl.cell.cell import ERROR_CODES
 from openpyxl.utils import get_column_letter
 
 from dermscore.errors import UsageError
@@ -83,13 +84,17 @@ def read_verdicts(book: ReportBook) -> list[Verdict]:
         given = {name: _text(values, book.header[name]) for name in VERDICT_COLUMNS}
         if not any(given.values()):
             continue
+        found = [f"{cell(name, row)}: {text!r} is a formula's error, not a verdict; type the text again (in a note, "
+                 "start it with ' to keep it from being read as a formula)"
+                 for name, text in given.items() if text in ERROR_CODES]
         lesion = _text(values, book.header[LESION_COLUMN])
         if lesion is None:
-            problems.append(f"{cell(LESION_COLUMN, row)}: empty, but the row has a verdict; put it back or clear the row")
-            continue
+            found.append(f"{cell(LESION_COLUMN, row)}: empty, but the row has a verdict; put it back or clear the row")
         chosen = given["reviewer_class"]
-        if chosen is not None and chosen.casefold() not in canonical:
-            problems.append(f"{cell('reviewer_class', row)}: {chosen!r} is not one of {', '.join(choices)}")
+        if chosen is not None and chosen.casefold() not in canonical and chosen not in ERROR_CODES:
+            found.append(f"{cell('reviewer_class', row)}: {chosen!r} is not one of {', '.join(choices)}")
+        problems += found
+        if found or lesion is None:
             continue
         verdict = Verdict(lesion, canonical[chosen.casefold()] if chosen else None, given["reviewer"],
                           given["reviewer_note"])
@@ -100,7 +105,7 @@ def read_verdicts(book: ReportBook) -> list[Verdict]:
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise UsageError(f"{book.path}: {len(problems)} verdict(s) cannot be imported, so nothing was stored:\n  "
+        raise UsageError(f"{book.path}: {len(problems)} bad cell(s), so nothing was imported:\n  "
                          f"{listed}{more}\nCorrect them (the reviewer_class drop-down lists the allowed values) and "
                          "import the file again.")
     return [verdict for _, verdict in verdicts.values()]
