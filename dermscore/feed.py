@@ -76,6 +76,9 @@ class FeedBatch:
 
 
 class Feed(Protocol):
+    kind: str  # thread | process
+    workers: int
+
     def batches(self, items: Iterable[Source | Failure]) -> Iterator[FeedBatch]: ...
 
     def close(self) -> None: ...
@@ -99,16 +102,21 @@ def default_workers(device: str, kind: str) -> int:
     return max(2, (os.cpu_count() or 2) - 2)
 
 
+def check_feed(kind: str, workers: int | None) -> None:
+    """``--feed`` and ``--decode-workers`` as given, checked before anything loads."""
+    if kind not in FEEDS:
+        raise UsageError(f"--feed must be one of {', '.join(FEEDS)}, got {kind!r}.")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--decode-workers must be at least 1, got {workers}.")
+
+
 def open_feed(
     bundle: Bundle, batch_size: int, device: str, kind: str = "auto", workers: int | None = None,
     thumbnails: bool = False,
 ) -> ThreadFeed | ProcessFeed:
     """The feed a run asked for (``--feed``, ``--decode-workers``); ``auto`` falls back to threads with a
     warning where /dev/shm cannot hold the ring (a container's default 64 MB, say)."""
-    if kind not in FEEDS:
-        raise UsageError(f"--feed must be one of {', '.join(FEEDS)}, got {kind!r}.")
-    if workers is not None and workers < 1:
-        raise UsageError(f"--decode-workers must be at least 1, got {workers}.")
+    check_feed(kind, workers)
     chosen = default_feed(device) if kind == "auto" else kind
     count = workers or default_workers(device, chosen)
     if chosen == "thread":
@@ -125,6 +133,8 @@ def open_feed(
 
 class ThreadFeed:
     """Decoding in threads of this process, batches stacked here: the local engine as it always was."""
+
+    kind = "thread"
 
     def __init__(self, bundle: Bundle, batch_size: int, workers: int, thumbnails: bool = False) -> None:
         self.bundle, self.batch_size, self.workers, self.thumbnails = bundle, batch_size, workers, thumbnails
@@ -196,6 +206,8 @@ class ProcessFeed:
     its inputs in flight would otherwise write into slots a later call hands out.
     """
 
+    kind = "process"
+
     def __init__(self, bundle: Bundle, batch_size: int, workers: int, thumbnails: bool = False,
                  slots: int | None = None) -> None:
         self.bundle, self.batch_size, self.workers, self.thumbnails = bundle, batch_size, workers, thumbnails
@@ -238,13 +250,13 @@ class ProcessFeed:
             if not finished:
                 self.close()
 
-    def in_progress(self) -> dict[int, str]:
-        """Worker pid -> the input it is decoding now: for tests and for diagnosing a stuck input."""
-        running = {}
-        for worker in self._pool:
+    def in_progress(self) -> dict[int, str | None]:
+        """Each worker's pid -> the input it is decoding now (None: idle), for tests and for diagnosing a
+        stuck input."""
+        running: dict[int, str | None] = {}
+        for worker in list(self._pool):
             task = worker.pending.get(int(self._current[worker.index]))
-            if task is not None:
-                running[worker.process.pid] = task.location
+            running[worker.process.pid] = task.location if task else None
         return running
 
     def close(self) -> None:
