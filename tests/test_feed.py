@@ -201,6 +201,33 @@ def test_a_worker_killed_mid_run_loses_nothing(bundle: Bundle, sample_images: li
     assert all(isinstance(r, ImageRef) for r, _ in got if r.location != str(fifo))
 
 
+def test_a_killed_run_leaves_no_workers_and_no_shared_memory(small_bundle: Path, sample_images: list[Path]) -> None:
+    """SIGKILL of the scoring process itself: its workers notice and exit, and multiprocessing's resource
+    tracker unlinks the ring."""
+    script = f"""
+import sys, time
+from pathlib import Path
+from dermscore.bundle import load_bundle
+from dermscore.discover import file_source
+from dermscore.feed import ProcessFeed
+if __name__ == "__main__":
+    feed = ProcessFeed(load_bundle({str(small_bundle)!r}), {BATCH}, workers=2)
+    batches = feed.batches(file_source(Path(p)) for p in {[str(p) for p in sample_images[:12]]!r})
+    next(batches)
+    print(" ".join(map(str, feed.in_progress())), flush=True)
+    time.sleep(600)
+"""
+    run = subprocess.Popen(["python3", "-c", script], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                           stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in run.stdout.readline().split()]
+    segments = {p.name for p in Path("/dev/shm").glob(f"{SHM_PREFIX}{run.pid}-*")}
+    assert len(pids) == 2 and segments
+    run.kill()
+    run.wait()
+    _wait_for(lambda: all(_gone(pid) for pid in pids), timeout=20)
+    _wait_for(lambda: not any((Path("/dev/shm") / name).exists() for name in segments), timeout=20)
+
+
 def test_auto_feed_is_threads_on_a_cpu_and_checks_its_options(bundle: Bundle) -> None:
     from dermscore.errors import UsageError
 
