@@ -21,14 +21,10 @@
 # (KERAS_BACKEND=tensorflow there; tests/test_feed.py runs it).
 set -u
 cd "$(dirname "$0")/.."
+. training/gpu_env.sh
 if [ "${1:-}" = prepare ]; then
-  KERAS=$(python3 -c "import keras; print(keras.__version__)")
-  mkdir -p .whl .gpu-data
-  for package in "keras==$KERAS" "namex==0.1.0" "optree==0.20.0"; do
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-      --platform manylinux2014_x86_64 -d .whl "$package" || exit 1
-  done
+  gpu_wheels || exit 1
+  mkdir -p .gpu-data
   [ -d .gpu-data/sample600 ] || cp -r ../shared/data/ham10000-600x450-sample/images .gpu-data/sample600
   du -sh .whl .gpu-data
   echo "Before the call:  mkdir -p /tmp/keep-models && mv models/*/*.keras models/*/*.onnx /tmp/keep-models/"
@@ -46,13 +42,7 @@ BATCH=${BATCH:-128}; N=${N:-1024}; ROUNDS=${ROUNDS:-3}; LIMIT=${LIMIT:-540}; SIZ
 if [ "${SMOKE:-0}" = 1 ]; then
   BATCH=4; N=16; ROUNDS=1; SIZES="75 32"; EXTRA="--backend keras --naive-images 2"
 fi
-if [ -n "${WHEELS:-}" ] && ! python3 -c "import keras" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-python3 -c "import os, keras; print('keras', keras.__version__, keras.backend.backend(), os.cpu_count(), 'cores')" || exit 1
+gpu_setup || exit 1
 df -h /dev/shm | tail -1
 python3 benchmarks/random_weights_bundle.py "$W/bundle" $SIZES >/dev/null || exit 1
 echo "bundle built at $(( $(date +%s) - T0 )) s"

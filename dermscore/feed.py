@@ -34,6 +34,7 @@ import os
 import pickle
 import queue
 import signal
+import time
 import warnings
 import weakref
 from collections import deque
@@ -410,7 +411,7 @@ class ProcessFeed:
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         busy = int(self._current[worker.index])
         self._current[worker.index] = -1
-        _stop(worker)
+        _stop([worker])
         self.respawns += 1
         if self.respawns > 2 + 2 * self.workers:
             raise EngineError(
@@ -439,26 +440,31 @@ def _views(block: SharedMemory, layout: list[tuple[str, tuple[int, ...]]]) -> di
     return views
 
 
-def _stop(worker: _Worker) -> None:
-    """End one worker (asked politely first) and release its queue and pipe."""
-    if worker.process.is_alive():
-        try:
-            worker.tasks.put(None)
-        except (OSError, ValueError):
-            pass
-        worker.process.join(timeout=2)
-    if worker.process.is_alive():
-        worker.process.kill()
-        worker.process.join(timeout=5)
-    worker.tasks.cancel_join_thread()  # never wait on a dead reader
-    worker.tasks.close()
-    worker.replies.close()
+def _stop(workers: list[_Worker]) -> None:
+    """End workers and release their queues and pipes: an idle one is asked to stop, one with inputs still
+    queued is killed (its work is being thrown away, and it would finish the queue first)."""
+    for worker in workers:
+        if worker.pending or not worker.process.is_alive():
+            worker.process.kill()
+        else:
+            try:
+                worker.tasks.put(None)
+            except (OSError, ValueError):
+                worker.process.kill()
+    deadline = time.monotonic() + 2
+    for worker in workers:
+        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(timeout=5)
+        worker.tasks.cancel_join_thread()  # never wait on a dead reader
+        worker.tasks.close()
+        worker.replies.close()
 
 
 def _release(blocks: list[SharedMemory], pool: list[_Worker]) -> None:
     """Workers first (they hold the blocks open), then the blocks; run by ``close`` or at collection."""
-    for worker in pool:
-        _stop(worker)
+    _stop(pool)
     pool.clear()
     for block in blocks:
         block.close()
