@@ -478,7 +478,10 @@ def _release(blocks: list[SharedMemory], pool: list[_Worker]) -> None:
 def _work(index: int, tasks: Any, replies: Connection, current: Any, names: list[str],
           layout: list[tuple[str, tuple[int, ...]]], bundle: Bundle, thumbnails: bool, parent: int) -> None:
     """A worker: decode each input it is given, its first frame into its row of the slot, the rest by pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the run decides
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the run decides when to stop, and
+    # stops its workers itself.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     blocks = [SharedMemory(name=name) for name in names]
     views = [_views(block, layout) for block in blocks]
     while True:
