@@ -201,6 +201,37 @@ def test_a_worker_killed_mid_run_loses_nothing(bundle: Bundle, sample_images: li
     assert all(isinstance(r, ImageRef) for r, _ in got if r.location != str(fifo))
 
 
+def test_workers_that_keep_dying_stop_the_run_cleanly(bundle: Bundle, sample_images: list[Path], tmp_path: Path) -> None:
+    """One worker, so at most 2 + 2 x 1 replacements: the fifth death ends the run with an EngineError that says
+    a rerun resumes from the ledger, and the ring is unlinked."""
+    from dermscore.engines import EngineError
+
+    fifos = [tmp_path / f"held-{i}.jpg" for i in range(3)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    feed = ProcessFeed(bundle, BATCH, workers=1)
+    raised: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            flatten(feed.batches([file_source(sample_images[0]), *map(file_source, fifos)]))
+        except BaseException as exc:  # noqa: BLE001  (handed to the test thread)
+            raised.append(exc)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    killed: set[int] = set()
+    for _ in range(5):
+        pid = _wait_for(lambda: next((p for p, loc in feed.in_progress().items()
+                                      if loc in {str(f) for f in fifos} and p not in killed), None))
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    consumer.join(timeout=60)
+    assert not consumer.is_alive()
+    assert isinstance(raised[0], EngineError) and "a rerun" in str(raised[0])
+    assert not shm_segments()
+
+
 def test_a_killed_run_leaves_no_workers_and_no_shared_memory(small_bundle: Path, sample_images: list[Path]) -> None:
     """SIGKILL of the scoring process itself: its workers notice and exit, and multiprocessing's resource
     tracker unlinks the ring."""
@@ -238,6 +269,17 @@ def test_auto_feed_is_threads_on_a_cpu_and_checks_its_options(bundle: Bundle) ->
         open_feed(bundle, BATCH, "cpu", "fork")
     with pytest.raises(UsageError, match="--decode-workers"):
         open_feed(bundle, BATCH, "cpu", "process", 0)
+
+
+def test_a_ring_too_big_for_dev_shm_is_refused_before_anything_starts(bundle: Bundle) -> None:
+    from dermscore.errors import UsageError
+
+    huge = 10**6  # images per batch: three slots of them cannot fit this machine's /dev/shm
+    with pytest.warns(RuntimeWarning, match="shared memory"):
+        assert isinstance(open_feed(bundle, huge, "gpu"), ThreadFeed)
+    with pytest.raises(UsageError, match="--shm-size"):
+        open_feed(bundle, huge, "gpu", "process")
+    assert not shm_segments()
 
 
 def test_decode_scaling_counts_double_up_to_all_cores() -> None:
