@@ -43,6 +43,11 @@ if [ "${SMOKE:-0}" = 1 ]; then
   BATCH=4; N=16; ROUNDS=1; SIZES="75 32"; EXTRA="--backend keras --naive-images 2"
 fi
 gpu_setup || exit 1
+# The ring at batch 128 needs about 650 MB of /dev/shm; a small tmpfs there (a container's 64 MB) is enlarged
+# rather than the call wasted (the machine is ours alone and given back after).
+if [ "${SMOKE:-0}" != 1 ] && [ "$(df --output=avail -k /dev/shm | tail -1)" -lt 4000000 ] && [ "$(id -u)" = 0 ]; then
+  mount -o remount,size=16g /dev/shm || echo "could not enlarge /dev/shm"
+fi
 df -h /dev/shm | tail -1
 python3 benchmarks/random_weights_bundle.py "$W/bundle" $SIZES >/dev/null || exit 1
 echo "bundle built at $(( $(date +%s) - T0 )) s"
