@@ -5,6 +5,7 @@ size; this one measures the issue's reference workload (InceptionV3 299x299 + De
 Never use it to score images: its name says what it is.
 
     python benchmarks/random_weights_bundle.py /tmp/bench-bundle
+    python benchmarks/random_weights_bundle.py /tmp/tiny-bundle 75 32   # tiny input sizes, for smoke tests
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from pathlib import Path
 from dermscore.bundle import write_manifest
 
 
-def main(folder: Path) -> None:
+def main(folder: Path, sizes: tuple[int, int] = (299, 224)) -> None:
     import keras
 
     folder.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(0)
     members = []
     for name, builder, size, mode in (
-        ("inceptionv3", keras.applications.InceptionV3, 299, "inception"),
-        ("densenet201", keras.applications.DenseNet201, 224, "densenet"),
+        ("inceptionv3", keras.applications.InceptionV3, sizes[0], "inception"),
+        ("densenet201", keras.applications.DenseNet201, sizes[1], "densenet"),
     ):
-        builder(weights=None, classes=7, classifier_activation="softmax").save(folder / f"{name}.keras")
+        builder(weights=None, input_shape=(size, size, 3), classes=7,
+                classifier_activation="softmax").save(folder / f"{name}.keras")
         members.append({"name": name, "architecture": builder.__name__, "file": f"{name}.keras",
                         "input_size": [size, size], "preprocessing": mode, "resize": "bilinear", "weight": 0.5})
     write_manifest(folder, {
@@ -38,4 +40,5 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/bench-bundle"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/bench-bundle"),
+         (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (299, 224))

@@ -25,6 +25,7 @@ import numpy as np
 
 from dermscore.bundle import Bundle, load_bundle
 from dermscore.discover import file_source
+from dermscore.feed import Feed, open_feed
 from dermscore.infer import Predictor, load_member, score
 from dermscore.preprocess import prepare, stack_inputs
 from dermscore.records import Failure
@@ -45,6 +46,7 @@ class Round:
     ceiling: float  # GFLOP/s, measured just before this round's runs
     model_only: float  # images/s
     end_to_end: float  # images/s
+    decode: float  # images/s decoded and preprocessed by the feed alone, no members
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -110,12 +112,15 @@ def peak_rss_mb() -> float:
 
 def run_bench(
     images: Sequence[Path], model: str | Path | None, batch_size: int | None, n_images: int, naive_images: int,
-    runtimes: Sequence[Runtime], rounds: int = 3,
+    runtimes: Sequence[Runtime], rounds: int = 3, feed: str = "auto", decode_workers: int | None = None,
+    scaling: bool = True,
 ) -> BenchReport:
     """Every figure for each runtime (backend) in turn, in this one process, on the same images.
 
     The naive loop and the FLOP count always use the Keras models: the loop is the original study's
-    baseline, whatever backend is being measured.
+    baseline, whatever backend is being measured. ``feed`` and ``decode_workers`` are the local engine's
+    (``dermscore.feed``); one feed serves every round, so worker start-up is not timed. ``scaling`` adds the
+    decode rate of each feed with 1, 2, 4, 8... workers and all cores.
     """
     bundle = load_bundle(model)
     device = configure(runtimes[0])
@@ -131,17 +136,20 @@ def run_bench(
     rows: list[tuple[str, str]] = []
     measured: list[tuple[str, list[Round]]] = []
     predictors: list[Predictor] = []
-    for runtime in runtimes:
-        predictor = Predictor(bundle, batch_size, runtime)
-        predictors.append(predictor)
-        label = _label(predictor)
-        next(r for r in score([file_source(paths[0])], predictor) if not isinstance(r, Failure))
-        if len(predictors) == 1:
-            first = seconds_since_process_start()
-            rows.append(("time to first result", f"{first:.1f} s from process start "
-                         f"({label}: imports, load, verify, export if not cached, first batch)"))
-        measured.append((label, _rounds(predictor, batch, paths, rounds)))
-        rows.append((f"peak RSS after {label}", f"{peak_rss_mb():.0f} MB"))
+    with open_feed(bundle, batch_size, device, feed, decode_workers) as feeder:
+        for runtime in runtimes:
+            predictor = Predictor(bundle, batch_size, runtime)
+            predictors.append(predictor)
+            label = _label(predictor)
+            next(r for r in score([file_source(paths[0])], predictor, feed=feeder) if not isinstance(r, Failure))
+            if len(predictors) == 1:
+                first = seconds_since_process_start()
+                rows.append(("time to first result", f"{first:.1f} s from process start "
+                             f"({label}: imports, load, verify, export if not cached, start the feed, first batch)"))
+            measured.append((label, _rounds(predictor, batch, paths, rounds, feeder)))
+            rows.append((f"peak RSS after {label}", f"{peak_rss_mb():.0f} MB"))
+    if scaling:
+        rows += decode_scaling(bundle, batch_size, device, paths)
 
     keras_models = next((p.models for p in predictors if p.backend == "keras"), None) or {
         m.name: load_member(bundle.member_path(m), runtimes[0]) for m in bundle.members}
@@ -164,6 +172,7 @@ def run_bench(
                    + ", ".join(f"{m.architecture} {m.input_size[0]}x{m.input_size[1]}" for m in bundle.members)),
         ("images, batch size", f"{n_images} ({len(images)} distinct files), batch {batch_size}, "
                                f"{rounds} round{'s' if rounds > 1 else ''} per backend (medians below)"),
+        ("feed", f"{_feed_label(feeder)} (--feed {feed})"),
         ("ensemble GFLOPs / image", f"{flops / 1e9:.2f}" + (f" ({views} flipped views per member)" if views > 1 else "")),
         # numpy's GEMM runs on the CPU: a GPU's share of it would mean nothing, so it is only shown.
         ("matmul ceiling" if on_cpu else "CPU matmul ceiling (not the GPU's)",
@@ -177,7 +186,10 @@ def run_bench(
         share = {kind: _median([getattr(r, kind) * flops / (r.ceiling * 1e9) for r in all_rounds])
                  for kind in ("model_only", "end_to_end")}
         of_model = _median([r.end_to_end / r.model_only for r in all_rounds])
+        decode = [r.decode for r in all_rounds]
         table += [
+            (f"decode + preprocess only ({label} run)",
+             f"{_median(decode):.2f} images/s, {_feed_label(feeder)} (rounds {_spread(decode)})"),
             (f"model-only ({label})", f"{_median(model_only):.2f} images/s ("
              + (f"{share['model_only']:.0%} of ceiling, " if on_cpu else "") + f"rounds {_spread(model_only)})"),
             (f"end-to-end ({label})", f"{_median(e2e):.2f} images/s ("
@@ -201,24 +213,69 @@ def _label(predictor: Predictor) -> str:
     return f"{predictor.backend}, {runtime.precision}" + (", xla" if runtime.xla else "")
 
 
-def _rounds(predictor: Predictor, batch: dict[str, np.ndarray], paths: Sequence[Path], rounds: int) -> list[Round]:
-    """Per round: the matmul ceiling, model-only images/s on one prepared batch, end-to-end from the files."""
+def _rounds(
+    predictor: Predictor, batch: dict[str, np.ndarray], paths: Sequence[Path], rounds: int, feed: Feed
+) -> list[Round]:
+    """Per round: the matmul ceiling, model-only images/s on one prepared batch, end-to-end from the files,
+    and the feed's decode rate on its own."""
     predictor(batch)  # warm-up: compile at the fixed batch shape
     batches = max(1, len(paths) // predictor.batch_size)
     count = 0
 
     def end_to_end() -> None:
         nonlocal count
-        count = sum(1 for r in score([file_source(p) for p in paths], predictor) if not isinstance(r, Failure))
+        count = sum(1 for r in score([file_source(p) for p in paths], predictor, feed=feed)
+                    if not isinstance(r, Failure))
 
     measured = []
     for _ in range(rounds):
         ceiling = matmul_gflops()
         model_only = batches * predictor.batch_size / _timed(lambda: [predictor(batch) for _ in range(batches)])
-        measured.append(Round(ceiling, model_only, len(paths) / _timed(end_to_end)))
+        rate = len(paths) / _timed(end_to_end)
         if count != len(paths):
             raise RuntimeError(f"benchmark images failed to score: {len(paths) - count} of {len(paths)}")
+        measured.append(Round(ceiling, model_only, rate, decode_rate(feed, paths)))
     return measured
+
+
+def decode_rate(feed: Feed, paths: Sequence[Path]) -> float:
+    """Images/s the feed decodes and preprocesses into batches with no members to wait for."""
+    decoded = 0
+
+    def drain() -> None:
+        nonlocal decoded
+        decoded = sum(batch.rows for batch in feed.batches(file_source(p) for p in paths))
+
+    seconds = _timed(drain)
+    if decoded != len(paths):
+        raise RuntimeError(f"benchmark images failed to decode: {len(paths) - decoded} of {len(paths)}")
+    return decoded / seconds
+
+
+def scaling_counts(cores: int) -> list[int]:
+    """1, 2, 4, 8, ... up to the host's cores, and all of them."""
+    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n < cores]
+    return counts + [cores]
+
+
+def decode_scaling(bundle: Bundle, batch_size: int, device: str, paths: Sequence[Path]) -> list[tuple[str, str]]:
+    """Each feed's decode rate with 1, 2, 4, 8... workers and all cores: processes should scale with the
+    cores, threads stop where the GIL does. Each feed is warmed up (workers started) before it is timed."""
+    rows = []
+    cores = os.cpu_count() or 1
+    for count in scaling_counts(cores):
+        rates = []
+        for kind in ("process", "thread"):
+            with open_feed(bundle, batch_size, device, kind, count) as feeder:
+                decode_rate(feeder, paths[:batch_size])
+                rates.append(f"{kind} {decode_rate(feeder, paths):.1f}")
+        rows.append((f"decode scaling, {count} worker{'s' if count > 1 else ''}"
+                     + (" (all cores)" if count == cores else ""), ", ".join(rates) + " images/s"))
+    return rows
+
+
+def _feed_label(feed: Feed) -> str:
+    return f"{feed.workers} decoding {'processes' if feed.kind == 'process' else 'threads'}"
 
 
 def _differences(predictors: Sequence[Predictor], batch: dict[str, np.ndarray]) -> list[tuple[str, str]]:

@@ -65,6 +65,8 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", help="Also show TensorFlow's, absl's and CUDA's start-up and log lines (hidden by default).")] = False,
     log_json: Annotated[Optional[Path], typer.Option(help="Append JSON-lines events (run start/end, batch commits, failures) here.")] = None,
     engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; needs dermscore[ray], see README).")] = "local",
+    feed: Annotated[str, typer.Option(help="Local engine's decoding: thread, process (worker processes writing batches into shared memory; for GPU hosts) or auto (process on a GPU, thread on a CPU).")] = "auto",
+    decode_workers: Annotated[Optional[int], typer.Option(help="Decoding threads or processes (default: per device and feed; see docs/feeding.md).")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="With --engine ray: cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else Ray on this machine).")] = None,
     replicas: Annotated[int, typer.Option(help="With --engine ray: model actors, each holding the whole ensemble.")] = 1,
     gpus_per_replica: Annotated[float, typer.Option(help="With --engine ray: GPUs per model actor (a fraction shares a card).")] = 0.0,
@@ -98,7 +100,8 @@ def run(
             lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, pseudonymize=pseudonymize,
             pseudonym_key_file=pseudonym_key_file, dicom_sr=dicom_sr, overwrite=overwrite, lesion_attribute=lesion_attribute,
             modality=modality or None,
-            engine=engine, ray=_table(ctx, job.pop("ray", RayOptions()), ray_options),
+            engine=engine, ray=_table(ctx, job.pop("ray", RayOptions()), ray_options), feed=feed,
+            decode_workers=decode_workers,
             ledger=ledger, report=report, rescore=rescore, skip_failed=skip_failed, retry_failed=retry_failed,
             wait=wait, quiet=quiet, log_json=log_json,
         )
@@ -206,8 +209,11 @@ def bench(
     precision: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     xla: Annotated[bool, typer.Option("--xla/--no-xla", help="Compile the members with XLA.")] = False,
     backend: Annotated[Optional[list[str]], typer.Option(help="auto, keras or onnx; repeat to compare backends in one run (default: auto).")] = None,
+    feed: Annotated[str, typer.Option(help="Decoding for end-to-end: auto, thread or process (as on `run`).")] = "auto",
+    decode_workers: Annotated[Optional[int], typer.Option(help="Decoding threads or processes (default: per device and feed).")] = None,
+    decode_scaling: Annotated[bool, typer.Option("--decode-scaling/--no-decode-scaling", help="Also time decoding alone with 1, 2, 4, 8... workers and all cores, in processes and in threads.")] = True,
 ) -> None:
-    """Measure model-only and end-to-end throughput against this machine's matmul ceiling.
+    """Measure decode-only, model-only and end-to-end throughput against this machine's matmul ceiling.
 
     Example: dermscore bench ../shared/data/ham10000-600x450-sample/images --images 128 --backend keras --backend onnx
     """
@@ -221,7 +227,8 @@ def bench(
         if not paths:
             raise UsageError(f"no images found under {', '.join(map(str, images))}")
         runtimes = [Runtime(device, precision, xla, name) for name in backend or ["auto"]]
-        report = run_bench(paths, model, batch_size, n_images, naive_images, runtimes, rounds)
+        report = run_bench(paths, model, batch_size, n_images, naive_images, runtimes, rounds, feed, decode_workers,
+                           decode_scaling)
     except DermscoreError as exc:
         _fail(exc)
     typer.echo(report.table())

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -25,10 +25,13 @@ from dermscore.errors import BundleError, InputError
 from dermscore.features import output_list
 from dermscore.gate.quality import measure
 from dermscore.ood import OodDetector
-from dermscore.preprocess import prepare, stack_inputs
+from dermscore.preprocess import prepare
 from dermscore.records import Failure, Frame, ImageRef, Scored, Source
-from dermscore.runtime import DEFAULT_BATCH, Runtime, configure, decode_workers, resolve_backend, with_precision
+from dermscore.runtime import DEFAULT_BATCH, Runtime, configure, resolve_backend, with_precision
 from dermscore.report.thumbnail import make_thumbnail
+
+if TYPE_CHECKING:
+    from dermscore.feed import Feed
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -210,32 +213,31 @@ def score(
     predictor: Predictor,
     workers: int | None = None,
     thumbnails: bool = False,
+    feed: str | Feed = "auto",
 ) -> Iterator[Scored | Failure]:
-    """The local engine: decode and preprocess in threads while the predictor runs full batches.
+    """The local engine: a feed decodes and preprocesses while the predictor runs full batches.
 
-    ``workers`` defaults to ``decode_workers`` for the predictor's device. ``thumbnails`` keeps a small
-    PNG on each ImageRef (for the workbook) instead of the full pixels.
+    ``feed`` is ``auto``, ``thread`` or ``process`` (``dermscore.feed``; ``workers`` decoders, by default
+    as many as suit the predictor's device), or a feed already started, which the caller closes (the bench
+    reuses one across rounds). ``thumbnails`` keeps a small PNG on each ImageRef (for the workbook)
+    instead of the full pixels.
     """
+    from dermscore.feed import open_feed  # dermscore.feed builds on this module's decode_and_prepare
+
     bundle = predictor.bundle
-    workers = workers or decode_workers(predictor.device)
-    batch: list[Prepared] = []
-
-    def flush() -> Iterator[Scored]:
-        outputs = predictor(stack_inputs([inputs for _, inputs in batch], bundle.members))
-        ood = ood_scores(outputs, predictor)
-        for i, (ref, _) in enumerate(batch):
-            probabilities = {m.name: outputs[m.name][i] for m in bundle.members}
-            yield Scored(ref, probabilities, None if ood is None else float(ood[i]))
-        batch.clear()
-
-    window = max(2 * predictor.batch_size, 4 * workers)
-    for result in bounded_map(lambda it: decode_and_prepare(it, bundle, thumbnails), items, workers, window):
-        if isinstance(result, Failure):
-            yield result
-            continue
-        for prepared in result:
-            batch.append(prepared)
-            if len(batch) == predictor.batch_size:
-                yield from flush()
-    if batch:
-        yield from flush()
+    owned = open_feed(bundle, predictor.batch_size, predictor.device, feed, workers, thumbnails) \
+        if isinstance(feed, str) else None
+    try:
+        for batch in (owned or feed).batches(items):
+            outputs = predictor(batch.inputs) if batch.rows else {}
+            ood = ood_scores(outputs, predictor) if batch.rows else None
+            for entry in batch.entries:
+                if isinstance(entry, Failure):
+                    yield entry
+                    continue
+                ref, row = entry
+                probabilities = {m.name: outputs[m.name][row] for m in bundle.members}
+                yield Scored(ref, probabilities, None if ood is None else float(ood[row]))
+    finally:
+        if owned is not None:
+            owned.close()

@@ -22,6 +22,7 @@ from dermscore.bundle import Bundle, load_bundle
 from dermscore.discover import discover
 from dermscore.engines import ENGINES, RayOptions
 from dermscore.errors import OutputError, UsageError
+from dermscore.feed import check_feed
 from dermscore.gate.modality import ModalityGate, parse_modalities
 from dermscore.infer import Predictor, score
 from dermscore.ledger import (SELECTIONS, EventLog, Ledger, default_ledger_path, open_ledger, pause_point,
@@ -69,6 +70,8 @@ class RunOptions:
     modality: list[str] | None = None
     engine: str = "local"  # local | ray (dermscore.engines)
     ray: RayOptions = field(default_factory=RayOptions)  # where and how wide, with engine="ray"
+    feed: str = "auto"  # auto | thread | process: the local engine's decoding (dermscore.feed)
+    decode_workers: int | None = None  # None: per device and feed (dermscore.feed.default_workers)
 
     def selection(self) -> str:
         """Which inputs to take on (dermscore.ledger.SELECTIONS): at most one of the three switches."""
@@ -113,6 +116,7 @@ def run(options: RunOptions) -> RunSummary:
         raise UsageError(f"--report must be one of {', '.join(REPORT_SCOPES)}, got {options.report!r}.")
     if options.engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {options.engine!r}.")
+    check_feed(options.feed, options.decode_workers)  # before the model loads
     selection = options.selection()
     if options.lesion_attribute != DEFAULT_LESION_ATTRIBUTE:
         from dermscore.decode.dicom import check_lesion_attribute
@@ -192,7 +196,7 @@ def _score_into_ledger(
         with member_reads(bundle):
             predictor = Predictor(bundle, options.batch_size or default_batch_size(summary.device), runtime)
         batch_size = predictor.batch_size
-        results = score(sources, predictor, thumbnails=options.thumbnails)
+        results = score(sources, predictor, options.decode_workers, options.thumbnails, options.feed)
         summary.backend = predictor.backend
     recorder = ledger.recorder(summary.run_id, bundle.identity)
     show = not options.quiet and (sys.stderr.isatty() if options.progress is None else options.progress)

@@ -11,13 +11,8 @@
 #   bash training/gpu_unpack.sh training-work-gpu FILES_AT_OF_CALL_1 FILES_AT_OF_CALL_2
 set -eu
 cd "$(dirname "$0")/.."
-KERAS=$(python3 -c "import keras; print(keras.__version__)")
-mkdir -p .whl
-for package in "keras==$KERAS" "namex==0.1.0" "optree==0.20.0"; do
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d .whl "$package"
-done
+. training/gpu_env.sh
+gpu_wheels
 mkdir -p .gpu-data
 [ -d .gpu-data/ham10000-200x150 ] || cp -r ../shared/data/ham10000-200x150 .gpu-data/
 ls -la .whl; du -sh .gpu-data

@@ -51,13 +51,8 @@ PART_SIZE=${PART_SIZE:-15m}
 if [ "${SMOKE:-0}" = 1 ]; then  # every step on the CPU: tiny inputs, two steps, one epoch (about 6 min here)
   EXTRA="$EXTRA --input-size 75x75 --batch-size 8 --steps-per-epoch 2 --epochs 1 --eager --no-mixed-precision"
 fi
-if [ -n "${WHEELS:-}" ] && ! python3 -c "import keras" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-python3 -c "import keras; print('keras', keras.__version__, keras.backend.backend())" || exit 1
+. "$(dirname "$0")/gpu_env.sh"
+gpu_setup || exit 1
 COMMON="--data $D --work $W --preset $PRESET"
 python3 -m training index $COMMON >/dev/null && python3 -m training split $COMMON || exit 1
 sha256sum "$W"/split.csv

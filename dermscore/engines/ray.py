@@ -21,9 +21,6 @@ import pickle
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +28,7 @@ import numpy as np
 from dermscore.bundle import Bundle, verify_bundle
 from dermscore.engines import EngineError, RayOptions
 from dermscore.errors import DermscoreError, UsageError
-from dermscore.discover import read_file
+from dermscore.feed import portable
 from dermscore.infer import Predictor, decode_and_prepare, ood_scores
 from dermscore.records import Failure, ImageRef, Scored, Source
 from dermscore.runtime import Runtime
@@ -186,7 +183,7 @@ def _input_blocks(items: list[Source | Failure], rows_per_block: int) -> Iterato
     """Arrow tables of (input index, pickled Source), small enough that decode tasks spread out.
 
     Blocks are built and handed to the object store one at a time (it spills to disk when full), so
-    inputs read on the driver (see ``_portable``) never sit in the driver's memory all at once.
+    inputs read on the driver (see ``dermscore.feed.portable``) never sit in the driver's memory all at once.
     """
     import pyarrow as pa
 
@@ -199,7 +196,7 @@ def _input_blocks(items: list[Source | Failure], rows_per_block: int) -> Iterato
     for index, item in enumerate(items):
         if isinstance(item, Failure):
             continue
-        blobs.append(_portable(item))
+        blobs.append(portable(item))
         indexes.append(index)
         size += len(blobs[-1])
         if len(blobs) >= rows_per_block or size >= BLOCK_BYTES:
@@ -207,34 +204,6 @@ def _input_blocks(items: list[Source | Failure], rows_per_block: int) -> Iterato
             indexes, blobs, size = [], [], 0
     if blobs:
         yield table(indexes, blobs)
-
-
-def _portable(source: Source) -> bytes:
-    """The Source pickled for a worker: a file travels as its path, anything else as its bytes.
-
-    Workers read files themselves (so the input folders must be visible to them at the same paths);
-    the path is made absolute because a worker's working directory is not the driver's, while the
-    location, and so the reports, keep the path as given. Other readers (zip members) hold an open
-    archive and its whole member list, far too much to ship per input, so the driver reads them and
-    ships the bytes, or the error reading them raised, so that the worker's decode reports exactly
-    what the local engine would.
-    """
-    read = source.read
-    if isinstance(read, partial) and read.func is read_file:
-        return pickle.dumps(replace(source, read=partial(read_file, Path(read.args[0]).absolute())))
-    try:
-        data = read()
-    except Exception as exc:  # replayed on the worker, where decode turns it into the usual Failure
-        return pickle.dumps(replace(source, read=partial(_raise, exc)))
-    return pickle.dumps(replace(source, read=partial(_given, data)))
-
-
-def _given(data: bytes) -> bytes:
-    return data
-
-
-def _raise(exc: Exception) -> bytes:
-    raise exc
 
 
 def _gather(
