@@ -25,12 +25,14 @@ no padding), so a member's grid of cells covers the whole image evenly; the grid
 image's own size by bilinear interpolation with the same pixel-centre convention (PIL).
 
 Ensemble map, for the ensemble's predicted class: each member's map for that class (at the image's
-size, ``scaled`` from 0 to 1) normalised to sum 1, then mixed with the bundle's normalised ensemble
-weights, so each member contributes its weight's share of the heatmap's mass.
+size) normalised to sum 1, then mixed with the bundle's normalised ensemble weights, so each member
+contributes its weight's share of the heatmap's mass, and a member whose evidence is spread evenly adds
+an even background rather than structure of its own.
 
 Files (``heatmaps/`` beside the reports): ``<content>_<bundle>_<member|ensemble>-<class>.png`` is the
-overlay, ``..._raw.png`` the map as 8-bit grey at the image's size, from its minimum (0) to its maximum
-(255), Grad-CAM's usual normalisation (``scaled``). Names
+overlay (colours ``stretched`` from the map's minimum to its maximum, Grad-CAM's usual display), and
+``..._raw.png`` the map as 8-bit grey at the image's size in proportion, its maximum 255 (``proportional``),
+so shares of its mass can be measured from the file. Names
 hold a hash of the image's content and of the bundle's identity, never a path or a patient's name, so
 pseudonymised reports can carry them, and a report regenerated later (``--report all``) links the files
 an earlier report folder of the same ``--out`` already holds instead of recomputing them.
@@ -65,7 +67,7 @@ HEATMAP_COLUMN = "heatmaps"  # images.csv / Images sheet: the image's overlay fi
 ENSEMBLE = "ensemble"
 RAW_SUFFIX = "_raw"
 LIST_SEPARATOR = " | "
-OVERLAY_ALPHA = 0.6  # opacity of the colour where the map is at its maximum; zero where the map is zero
+OVERLAY_ALPHA = 0.45  # opacity of the map's colour over the image (the usual Grad-CAM picture)
 PROBE_TOLERANCE = 1e-4  # the head recomputed in numpy against the member's own probabilities
 HEAD_ACTIVATIONS = ("relu", "linear")
 
@@ -251,22 +253,33 @@ class Explainer:
                                  for m in self.bundle.members}
         return self._members
 
-    def explain(self, rgb: np.ndarray, member_classes: Mapping[str, str], ensemble_class: str) -> ImageMaps:
-        """Heatmaps of one decoded image: each member's for ``member_classes[member]`` (its own top class)
-        and the ensemble's for ``ensemble_class`` (see the module docstring for the rule)."""
+    def explain(
+        self, rgb: np.ndarray, member_classes: Mapping[str, str] | None = None, ensemble_class: str | None = None
+    ) -> ImageMaps:
+        """Heatmaps of one decoded image: each member's for ``member_classes[member]`` and the ensemble's
+        for ``ensemble_class`` (see the module docstring for the rule). The run passes the classes its
+        report rows show; left out, they are the members' top classes and the ensemble's predicted class
+        (``dermscore.aggregate``'s rule: the top class of the weighted mean) from this forward pass."""
+        from dermscore.aggregate import ensemble as weighted_mean
+
         bundle = self.bundle
         inputs = prepare(rgb, bundle.members, bundle.colour_constancy)
+        outputs = {m.name: self.members()[m.name].maps(inputs[m.name][None]) for m in bundle.members}
+        if member_classes is None:
+            member_classes = {name: bundle.classes[int(np.argmax(p[0]))] for name, (p, _) in outputs.items()}
+        if ensemble_class is None:
+            balanced = weighted_mean({name: p[0] for name, (p, _) in outputs.items()}, bundle)
+            ensemble_class = bundle.classes[int(np.argmax(balanced))]
         size = rgb.shape[:2]
         maps: dict[str, np.ndarray] = {}
-        ensemble = np.zeros(size, dtype=np.float64)
+        mixture = np.zeros(size, dtype=np.float64)
         weights = np.array([m.weight for m in bundle.members], dtype=np.float64)
         for member, weight in zip(bundle.members, weights / weights.sum()):
-            _, grids = self.members()[member.name].maps(inputs[member.name][None])
-            own = grids[0, bundle.classes.index(member_classes[member.name])]
-            maps[member.name] = to_image(np.maximum(own, 0.0), size)
-            for_ensemble = np.maximum(grids[0, bundle.classes.index(ensemble_class)], 0.0)
-            ensemble += weight * mass(scaled(to_image(for_ensemble, size).astype(np.float64)))
-        maps[ENSEMBLE] = ensemble.astype(np.float32)
+            grids = np.maximum(outputs[member.name][1][0], 0.0)  # (classes, gh, gw), Grad-CAM's ReLU
+            maps[member.name] = to_image(grids[bundle.classes.index(member_classes[member.name])], size)
+            for_ensemble = to_image(grids[bundle.classes.index(ensemble_class)], size)
+            mixture += weight * mass(for_ensemble.astype(np.float64))
+        maps[ENSEMBLE] = mixture.astype(np.float32)
         classes = {**{m.name: member_classes[m.name] for m in bundle.members}, ENSEMBLE: ensemble_class}
         return ImageMaps(maps, classes)
 
@@ -285,28 +298,33 @@ def _colour(heatmap: np.ndarray) -> np.ndarray:
     return stops[low] * (1 - t) + stops[low + 1] * t
 
 
-def scaled(heatmap: np.ndarray) -> np.ndarray:
-    """The map from its minimum (0) to its maximum (1), Grad-CAM's usual normalisation; a flat map is all 0.
+def proportional(heatmap: np.ndarray) -> np.ndarray:
+    """A non-negative map divided by its maximum (zeros stay zeros): ratios between places are kept."""
+    peak = float(heatmap.max()) if heatmap.size else 0.0
+    return heatmap / peak if peak > 0 else np.zeros_like(heatmap)
 
-    Why not divide by the maximum alone: the members' cell contributions share a large common part (for
-    the shipped InceptionV3 the least cell often has two thirds of the greatest), which would paint the
-    whole image; what a reviewer needs is where the evidence is above the image's least.
+
+def stretched(heatmap: np.ndarray) -> np.ndarray:
+    """The map from its minimum (0) to its maximum (1), Grad-CAM's usual display; a flat map is all 0.
+
+    For the overlays only: the members' cell contributions share a large common part (for the shipped
+    InceptionV3 the least cell often holds two thirds of the greatest), which drawn in proportion would
+    paint the whole image one colour; a reviewer needs to see where the evidence is above the image's least.
     """
     low, high = (float(heatmap.min()), float(heatmap.max())) if heatmap.size else (0.0, 0.0)
     return (heatmap - low) / (high - low) if high > low else np.zeros_like(heatmap)
 
 
 def overlay(rgb: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
-    """The image with the map's colour laid over it, opaque in proportion to the map (uint8 RGB)."""
-    unit = scaled(heatmap).astype(np.float32)
-    alpha = (OVERLAY_ALPHA * unit)[..., None]
-    blended = rgb.astype(np.float32) * (1 - alpha) + 255.0 * _colour(unit) * alpha
+    """The image blended with the map's colours (``stretched``: blue least, red most), uint8 RGB."""
+    colour = 255.0 * _colour(stretched(heatmap).astype(np.float32))
+    blended = rgb.astype(np.float32) * (1 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
 def raw_grey(heatmap: np.ndarray) -> np.ndarray:
-    """The map as 8-bit grey, its minimum 0 and its maximum 255 (``scaled``): the file to measure it with."""
-    return np.rint(255.0 * scaled(heatmap)).astype(np.uint8)
+    """The map as 8-bit grey in proportion, its maximum 255 (``proportional``): the file to measure it with."""
+    return np.rint(255.0 * proportional(heatmap)).astype(np.uint8)
 
 
 def _png(pixels: np.ndarray) -> bytes:
