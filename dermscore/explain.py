@@ -96,14 +96,11 @@ class MemberMaps:
 
         self.member = member
         self.flips = not isinstance(model.layers[-1], keras.layers.Dense)
-        classifier = _only_nested(model, member) if self.flips else model
+        classifier = _classifier(model, member) if self.flips else model
         self.extractor, self.head = _split(classifier, member)
-        from dermscore.onnx_backend import probe_images
+        from dermscore.features import probe_difference
 
-        probe = np.stack([prepare(image, (member,))[member.name] for image in probe_images()])
-        expected = np.asarray(model.predict_on_batch(probe), dtype=np.float64)
-        got, _ = self.maps(probe)
-        difference = float(np.abs(expected - got).max())
+        difference = probe_difference(model, member, lambda x: self.maps(x)[0])
         if not difference <= PROBE_TOLERANCE:
             raise BundleError(
                 f"member '{member.name}': its probabilities recomputed for heatmaps differ from the member's own by "
@@ -147,17 +144,15 @@ class MemberMaps:
         return exp / exp.sum(axis=1, keepdims=True), np.einsum("mhwk,mkc->mhwc", features, gradient)
 
 
-def _only_nested(model: Any, member: Member) -> Any:
-    """The classifier a flip-averaging wrapper calls (the only Keras model among its layers)."""
-    import keras
+def _classifier(model: Any, member: Member) -> Any:
+    """The classifier a flip-averaging wrapper calls (``dermscore.features.classifier_of``)."""
+    from dermscore.features import classifier_of
 
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    if len(nested) != 1:
-        raise BundleError(
-            f"member '{member.name}' neither ends in a Dense softmax layer nor wraps one classifier; heatmaps "
-            "cannot be computed for it. Run without --heatmaps."
-        )
-    return nested[0]
+    try:
+        return classifier_of(model, "flips")
+    except BundleError as exc:
+        raise BundleError(f"member '{member.name}' neither ends in a Dense softmax layer nor wraps one classifier; "
+                          "heatmaps cannot be computed for it. Run without --heatmaps.") from exc
 
 
 def _split(classifier: Any, member: Member) -> tuple[Any, list[DenseStep]]:
