@@ -94,7 +94,6 @@ class MemberMaps:
     def __init__(self, model: Any, member: Member) -> None:
         import keras
 
-        self.member = member
         self.flips = not isinstance(model.layers[-1], keras.layers.Dense)
         classifier = _classifier(model, member) if self.flips else model
         self.extractor, self.head = _split(classifier, member)
@@ -324,7 +323,7 @@ def raw_grey(heatmap: np.ndarray) -> np.ndarray:
 
 def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
