@@ -48,7 +48,7 @@ def run(
     disagreement_threshold: Annotated[Optional[float], typer.Option(help="Flag 'review' when members/images diverge this much, Jensen-Shannon in bits (default: the bundle's, else 0.20).")] = None,
     ood_threshold: Annotated[Optional[float], typer.Option(help="Flag 'out-of-distribution' above this ood_score (default: the bundle's; needs a bundle with an OOD detector).")] = None,
     thumbnails: Annotated[bool, typer.Option(help="Embed a small picture of each lesion in report.xlsx.")] = False,
-    heatmaps: Annotated[bool, typer.Option("--heatmaps/--no-heatmaps", help="Class-activation heatmaps for every image of a lesion flagged malignant or review, in OUT/heatmaps/ and beside each lesion in report.xlsx (loads the Keras members; docs/heatmaps.md).")] = False,
+    heatmaps: Annotated[bool, typer.Option("--heatmaps/--no-heatmaps", help="Class-activation heatmaps for every image of a lesion flagged malignant or review, in heatmaps/ beside the reports and beside each lesion in report.xlsx (loads the Keras members; docs/heatmaps.md).")] = False,
     pseudonymize: Annotated[bool, typer.Option(help="Replace patient identifiers with a keyed hash (needs a key).")] = False,
     pseudonym_key_file: Annotated[Optional[Path], typer.Option(help="File with the secret key for --pseudonymize (else $DERMSCORE_PSEUDONYM_KEY).")] = None,
     dicom_sr: Annotated[bool, typer.Option("--dicom-sr", help="Also write one DICOM Structured Report per study scored from DICOM inputs, in OUT/dicom-sr/ (needs dermscore[dicom-sr]).")] = False,
