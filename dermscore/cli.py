@@ -48,6 +48,7 @@ def run(
     disagreement_threshold: Annotated[Optional[float], typer.Option(help="Flag 'review' when members/images diverge this much, Jensen-Shannon in bits (default: the bundle's, else 0.20).")] = None,
     ood_threshold: Annotated[Optional[float], typer.Option(help="Flag 'out-of-distribution' above this ood_score (default: the bundle's; needs a bundle with an OOD detector).")] = None,
     thumbnails: Annotated[bool, typer.Option(help="Embed a small picture of each lesion in report.xlsx.")] = False,
+    heatmaps: Annotated[bool, typer.Option("--heatmaps/--no-heatmaps", help="Class-activation heatmaps for every image of a lesion flagged malignant or review, in heatmaps/ beside the reports and beside each lesion in report.xlsx (loads the Keras members; docs/heatmaps.md).")] = False,
     pseudonymize: Annotated[bool, typer.Option(help="Replace patient identifiers with a keyed hash (needs a key).")] = False,
     pseudonym_key_file: Annotated[Optional[Path], typer.Option(help="File with the secret key for --pseudonymize (else $DERMSCORE_PSEUDONYM_KEY).")] = None,
     dicom_sr: Annotated[bool, typer.Option("--dicom-sr", help="Also write one DICOM Structured Report per study scored from DICOM inputs, in OUT/dicom-sr/ (needs dermscore[dicom-sr]).")] = False,
@@ -97,7 +98,7 @@ def run(
             inputs=inputs or [], out=out, model=model, batch_size=batch_size, progress=progress,
             device=device, precision=precision, xla=xla, backend=backend,
             thresholds=_table(ctx, job.pop("thresholds", Thresholds()), threshold_options),
-            lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, pseudonymize=pseudonymize,
+            lesion_map=lesion_map, metadata=metadata, thumbnails=thumbnails, heatmaps=heatmaps, pseudonymize=pseudonymize,
             pseudonym_key_file=pseudonym_key_file, dicom_sr=dicom_sr, overwrite=overwrite, lesion_attribute=lesion_attribute,
             modality=modality or None,
             engine=engine, ray=_table(ctx, job.pop("ray", RayOptions()), ray_options), feed=feed,
@@ -129,6 +130,8 @@ def run(
         f"{len(summary.failures)} input(s) failed; {summary.skipped} unchanged input(s) already in the ledger "
         f"skipped; reports in {summary.out}"
     )
+    if summary.heatmaps and summary.heatmaps.images:
+        typer.echo(f"heatmaps for {summary.heatmaps.images} image(s) of flagged lesions in {summary.out / 'heatmaps'}")
     if summary.set_aside:
         typer.echo(f"skipped {len(summary.set_aside)} DICOM object(s) that are not skin photographs "
                    f"({summary.set_aside_counts()}); see {summary.out / SKIPPED_CSV}")

@@ -12,6 +12,7 @@ of another shape is refused instead of giving features that do not belong to its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -75,15 +76,19 @@ def with_features(model: Any, views: str) -> Any:
     return keras.Model(image, [mean_over_views(probabilities, n), mean_over_views(features, n)], name=model.name)
 
 
-def feature_member(model: Any, member: Member, views: str) -> Any:
-    """``with_features(model, views)``, refused unless its probabilities are the member's own on a probe batch."""
+def probe_difference(model: Any, member: Member, derived: Callable[[np.ndarray], np.ndarray]) -> float:
+    """Largest difference between the member's probabilities and ``derived``'s (prepared inputs ->
+    probabilities) on a probe batch: how a model derived from a member proves it still is the member."""
     from dermscore.onnx_backend import probe_images
 
-    derived = with_features(model, views)
     probe = np.stack([prepare(image, (member,))[member.name] for image in probe_images()])
-    expected = output_list(model.predict_on_batch(probe))[0]
-    got = output_list(derived.predict_on_batch(probe))[0]
-    difference = float(np.abs(expected - got).max())
+    return float(np.abs(output_list(model.predict_on_batch(probe))[0] - np.asarray(derived(probe))).max())
+
+
+def feature_member(model: Any, member: Member, views: str) -> Any:
+    """``with_features(model, views)``, refused unless its probabilities are the member's own on a probe batch."""
+    derived = with_features(model, views)
+    difference = probe_difference(model, member, lambda x: output_list(derived.predict_on_batch(x))[0])
     if not difference <= FEATURE_TOLERANCE:
         raise BundleError(
             f"member '{member.name}': the model derived for OOD features differs from the member by "

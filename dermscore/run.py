@@ -23,6 +23,7 @@ from dermscore.discover import discover
 from dermscore.engines import ENGINES, RayOptions
 from dermscore.errors import OutputError, UsageError
 from dermscore.feed import check_feed
+from dermscore.explain import HeatmapStats
 from dermscore.gate.modality import ModalityGate, parse_modalities
 from dermscore.infer import Predictor, score
 from dermscore.ledger import (SELECTIONS, EventLog, Ledger, default_ledger_path, open_ledger, pause_point,
@@ -32,7 +33,7 @@ from dermscore.records import DEFAULT_LESION_ATTRIBUTE, Failure, Scored, Skipped
 from dermscore.runtime import Runtime, configure, default_batch_size
 from dermscore.report.pseudonymize import load_key, pseudonymize_row
 from dermscore.report.run_info import RunInfo, environment
-from dermscore.report.write import check_dicom_sr, write_reports
+from dermscore.report.write import check_dicom_sr, report_folder, write_reports
 from dermscore.storage import file_writes, member_reads
 
 REPORT_SCOPES = ("all", "new")
@@ -72,6 +73,9 @@ class RunOptions:
     ray: RayOptions = field(default_factory=RayOptions)  # where and how wide, with engine="ray"
     feed: str = "auto"  # auto | thread | process: the local engine's decoding (dermscore.feed)
     decode_workers: int | None = None  # None: per device and feed (dermscore.feed.default_workers)
+    # Heatmaps for the images of flagged lesions (dermscore.explain). Off by default: the first one of a run
+    # loads TensorFlow and the Keras members, which an ONNX run never does otherwise (docs/heatmaps.md).
+    heatmaps: bool = False
 
     def selection(self) -> str:
         """Which inputs to take on (dermscore.ledger.SELECTIONS): at most one of the three switches."""
@@ -95,6 +99,7 @@ class RunSummary:
     interrupted: bool = False  # SIGINT/SIGTERM: stopped after a batch, no reports written
     ledger: Path | None = None
     run_id: str = ""
+    heatmaps: HeatmapStats | None = None  # what the explain stage did; None with heatmaps off
 
     def set_aside_counts(self) -> str:
         """What was set aside, by category, most frequent first: ``2 modality CT, 1 not an image``."""
@@ -240,11 +245,12 @@ def _report(
     """Reports come from the ledger, not from memory, so they can cover earlier runs (``--report all``)
     and always use this run's thresholds and lesion maps."""
     new_only = options.report == "new"
-    rows = []
+    rows, results = [], []
     thumbnails: dict[str, bytes] = {}  # first image of each lesion
     for result in ledger.scored(bundle.identity, new_only):
         row = image_row(result, bundle, options.thresholds, lesion_maps)
         rows.append(pseudonymize_row(row, key) if key else row)
+        results.append(result)
         if result.ref.thumbnail:
             thumbnails.setdefault(rows[-1]["lesion_id"], result.ref.thumbnail)
     summary.reported = len(rows)
@@ -260,5 +266,13 @@ def _report(
     # Reviewer notes may name the patient, so reports that leave the clinic pseudonymised carry no verdicts.
     verdicts = None if key else ledger.latest_verdicts(bundle.identity)
     with file_writes(f"the reports in {options.out}"):
-        summary.out = write_reports(options.out, bundle, rows, failures, info, options.overwrite, thumbnails,
-                                    skipped, options.dicom_sr, verdicts)
+        folder, heatmaps = options.out, None
+        if options.heatmaps:  # explain: heatmaps beside the reports, so the folder is chosen first
+            from dermscore.explain import explain_report
+
+            folder = report_folder(options.out, info, options.overwrite)
+            heatmaps, summary.heatmaps = explain_report(folder, options.out, bundle, results, rows, options.thresholds,
+                                                        Runtime(options.device))
+            info.finished = datetime.now(timezone.utc)
+        summary.out = write_reports(folder, bundle, rows, failures, info, options.overwrite or options.heatmaps,
+                                    thumbnails, skipped, options.dicom_sr, heatmaps=heatmaps, verdicts=verdicts)

@@ -41,6 +41,7 @@ LINE_HEIGHT = 15  # points per line of wrapped text
 RUN_VALUE_WIDTH = 90
 WIDTH_SAMPLE = 2000  # rows looked at to size columns; enough to be representative, cheap on big runs
 THUMBNAIL_COLUMN = "thumbnail"
+HEATMAP_THUMBNAIL_COLUMN = "heatmap"
 THUMBNAIL_ROW_HEIGHT = THUMBNAIL_PIXELS * 0.75 + 4  # points; 1 px = 0.75 pt at 96 dpi
 HEADER_FONT = Font(bold=True)
 HEADER_FILL = PatternFill("solid", start_color="DDE3EA", end_color="DDE3EA")
@@ -149,13 +150,16 @@ def _drop_downs(ws: WriteOnlyWorksheet, columns: Sequence[str], table: Table) ->
 
 
 def _table_sheet(
-    wb: Workbook, table: Table, thresholds: Thresholds | None = None, thumbnails: Sequence[bytes | None] = ()
+    wb: Workbook, table: Table, thresholds: Thresholds | None = None,
+    pictures: Mapping[str, Sequence[bytes | None]] | None = None,
 ) -> WriteOnlyWorksheet:
-    """A sheet with a frozen, filterable header; ``thumbnails`` (one per row) adds a first picture column."""
+    """A sheet with a frozen, filterable header; ``pictures`` (column name -> one PNG or None per row) adds
+    picture columns first, in its order."""
     ws = _sheet(wb, table.title)
-    columns = ([THUMBNAIL_COLUMN] if thumbnails else []) + list(table.columns)
+    pictures = {name: column for name, column in (pictures or {}).items() if column}
+    columns = list(pictures) + list(table.columns)
     for i, column in enumerate(columns, start=1):
-        width = THUMBNAIL_PIXELS / 7 + 2 if column == THUMBNAIL_COLUMN else _width(column, table)
+        width = THUMBNAIL_PIXELS / 7 + 2 if column in pictures else _width(column, table)
         ws.column_dimensions[get_column_letter(i)].width = width
     ws.freeze_panes = "A2"
     ws.auto_filter.ref = f"A1:{get_column_letter(len(columns))}{len(table.rows) + 1}"
@@ -164,15 +168,16 @@ def _table_sheet(
     _drop_downs(ws, columns, table)
     ws.append(_header(ws, columns))
     for index, row in enumerate(table.rows):
-        cells = [None] if thumbnails else []
+        cells: list[WriteOnlyCell | None] = [None] * len(pictures)
         for column in table.columns:
             fmt = PERCENT if column in table.percent else DIVERGENCE if column in table.decimals else None
             cells.append(_cell(ws, row.get(column), fmt))
-        if thumbnails and thumbnails[index]:
-            ws.row_dimensions[index + 2].height = THUMBNAIL_ROW_HEIGHT  # before append: rows stream out
-            picture = XLImage(io.BytesIO(thumbnails[index]))
-            picture.anchor = f"A{index + 2}"
-            ws.add_image(picture)
+        for position, column in enumerate(pictures.values(), start=1):
+            if column[index]:
+                ws.row_dimensions[index + 2].height = THUMBNAIL_ROW_HEIGHT  # before append: rows stream out
+                picture = XLImage(io.BytesIO(column[index]))
+                picture.anchor = f"{get_column_letter(position)}{index + 2}"
+                ws.add_image(picture)
         ws.append(cells)
     return ws
 
@@ -320,15 +325,18 @@ def write_workbook(
     tables: tuple[Table, Table, Table, Table],
     info: RunInfo,
     thumbnails: Mapping[str, bytes] | None = None,
+    heatmaps: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write ``tables`` = (lesions, images, errors, skipped) and the Summary and Run sheets, atomically.
 
-    ``thumbnails`` maps lesion id -> PNG bytes; given, the Lesions sheet gets a picture column.
+    ``thumbnails`` and ``heatmaps`` map lesion id -> PNG bytes; given, the Lesions sheet gets a picture
+    column for each, the heatmap beside the lesion's picture.
     """
     lesions, images, errors, skipped = tables
     wb = Workbook(write_only=True)
     _summary_sheet(wb, bundle, images, lesions, errors, skipped, info)
-    pictures = [thumbnails.get(str(r["lesion_id"])) for r in lesions.rows] if thumbnails else []
+    pictures = {column: [given.get(str(r["lesion_id"])) for r in lesions.rows]
+                for column, given in ((THUMBNAIL_COLUMN, thumbnails), (HEATMAP_THUMBNAIL_COLUMN, heatmaps)) if given}
     applied = info.thresholds.for_bundle(bundle)
     _table_sheet(wb, lesions, applied, pictures)
     _table_sheet(wb, images, applied)

@@ -17,6 +17,7 @@ from typing import Any
 from dermscore.aggregate import image_columns, lesion_columns, lesion_rows
 from dermscore.bundle import Bundle
 from dermscore.errors import UsageError
+from dermscore.explain import HEATMAP_COLUMN
 from dermscore.records import VERDICT_COLUMNS, Failure, Skipped, Verdict, verdict_choices
 from dermscore.report.csv import write_csv
 from dermscore.report.excel import Table, write_workbook
@@ -72,13 +73,16 @@ def write_reports(
     skipped: Sequence[Skipped] = (),
     dicom_sr: bool = False,
     verdicts: Mapping[str, Verdict] | None = None,
+    heatmaps: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write all reports (see ``report_folder`` for where) and return the folder they are in.
 
     ``thumbnails`` maps lesion id -> PNG bytes for the workbook's Lesions sheet; ``skipped`` lists the
     objects discovery set aside (skipped.csv and the Skipped sheet); ``dicom_sr`` adds one DICOM SR per
     study scored from DICOM inputs (dermscore.report.dicom_sr); ``verdicts`` (lesion id -> the latest
-    reviewer verdict) pre-fills the reviewer columns, so a regenerated report keeps the reviewer's work.
+    reviewer verdict) pre-fills the reviewer columns, so a regenerated report keeps the reviewer's work;
+    ``heatmaps`` maps lesion id -> PNG bytes of a heatmap thumbnail, shown beside the lesion's picture
+    (rows then carry a ``heatmaps`` column, see dermscore.explain).
     """
     folder = report_folder(out, run_info, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,8 @@ def write_reports(
     errors = [error_row(f) for f in failures]
     set_aside = [skipped_row(s) for s in skipped]
     image_cols, lesion_cols = image_columns(bundle), [*lesion_columns(bundle), *VERDICT_COLUMNS]
+    if any(HEATMAP_COLUMN in row for row in image_rows):  # a run with --heatmaps: name each image's files
+        image_cols.append(HEATMAP_COLUMN)
     write_csv(folder / IMAGES_CSV, image_cols, image_rows)
     write_csv(folder / LESIONS_CSV, lesion_cols, lesions)
     write_csv(folder / ERRORS_CSV, ERROR_COLUMNS, errors)
@@ -102,7 +108,7 @@ def write_reports(
         Table("Errors", ERROR_COLUMNS, errors),
         Table("Skipped", SKIPPED_COLUMNS, set_aside),
     )
-    write_workbook(folder / WORKBOOK, bundle, tables, run_info, thumbnails)
+    write_workbook(folder / WORKBOOK, bundle, tables, run_info, thumbnails, heatmaps)
     if dicom_sr:
         from dermscore.report.dicom_sr import write_dicom_srs  # highdicom only for runs that ask for SRs
 
