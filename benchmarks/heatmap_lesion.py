@@ -38,7 +38,7 @@ from skimage.filters import threshold_otsu
 from dermscore.bundle import load_bundle
 from dermscore.decode import decode_source
 from dermscore.discover import file_source
-from dermscore.explain import ENSEMBLE, Explainer, ImageMaps, mass, overlay, proportional, stretched, to_image
+from dermscore.explain import EXPLAIN_BATCH, MIN_CELLS, ENSEMBLE, Explainer, overlay, proportional, stretched
 from dermscore.runtime import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,69 +46,6 @@ DATA = REPO.parent / "shared" / "data" / "ham10000-200x150" / "images"
 VIGNETTE_SHARE = 0.5  # vignette: darker than this share of the image's median grey, connected to the border
 VIGNETTE_MARGIN = 0.04  # and this share of the image's shorter side around it (the dark-to-skin transition)
 FIGURE_IMAGES = 4
-
-
-class EarlierLayerGradCam:
-    """Experiment, not dermscore's method: Grad-CAM at an earlier layer of each member (``--layers``), with
-    TensorFlow's automatic differentiation (so TensorFlow only), to see whether finer maps would sit on
-    the lesion better than the last layer's. Same flips, geometry and ensemble rule as dermscore.explain."""
-
-    def __init__(self, bundle, layers: dict[str, str]) -> None:
-        import keras
-
-        from dermscore.features import classifier_of
-        from dermscore.infer import load_member
-        from dermscore.runtime import Runtime
-
-        self.bundle, self.parts = bundle, {}
-        for member in bundle.members:
-            model = load_member(bundle.member_path(member), Runtime(backend="keras"))
-            classifier = classifier_of(model, "flips")
-            backbone = classifier.get_layer("backbone")
-            dense = [layer for layer in classifier.layers if isinstance(layer, keras.layers.Dense)]
-            inner = keras.Model(backbone.inputs, [backbone.get_layer(layers[member.name]).output, backbone.output])
-            self.parts[member.name] = (inner, dense)
-
-    def explain(self, rgb: np.ndarray) -> ImageMaps:
-        import tensorflow as tf
-
-        from dermscore.aggregate import ensemble as weighted_mean
-        from dermscore.preprocess import prepare
-
-        bundle = self.bundle
-        inputs = prepare(rgb, bundle.members, bundle.colour_constancy)
-        tapes, probabilities = {}, {}
-        for member in bundle.members:
-            inner, dense = self.parts[member.name]
-            x = inputs[member.name][None]
-            views = tf.constant(np.concatenate([x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]))
-            with tf.GradientTape(persistent=True) as tape:
-                features, pooled = inner(views, training=False)
-                tape.watch(features)
-                hidden = pooled
-                for layer in dense[:-1]:
-                    hidden = layer(hidden)
-                logits = tf.matmul(hidden, dense[-1].kernel) + dense[-1].bias
-                per_class = [tf.reduce_sum(logits[:, c]) for c in range(len(bundle.classes))]
-            tapes[member.name] = (tape, features, per_class)
-            probabilities[member.name] = tf.nn.softmax(logits).numpy().mean(axis=0)
-
-        def grid(name: str, code: str) -> np.ndarray:
-            tape, features, per_class = tapes[name]
-            gradient = tape.gradient(per_class[bundle.classes.index(code)], features).numpy()
-            cam = (gradient.mean(axis=(1, 2), keepdims=True) * features.numpy()).sum(axis=-1)  # (4 views, gh, gw)
-            return np.maximum(np.stack([cam[0], cam[1][:, ::-1], cam[2][::-1], cam[3][::-1, ::-1]]).mean(axis=0), 0)
-
-        top = {name: bundle.classes[int(np.argmax(p))] for name, p in probabilities.items()}
-        predicted = bundle.classes[int(np.argmax(weighted_mean(probabilities, bundle)))]
-        size, out = rgb.shape[:2], {}
-        mixture = np.zeros(size)
-        weights = np.array([m.weight for m in bundle.members]) / sum(m.weight for m in bundle.members)
-        for member, weight in zip(bundle.members, weights):
-            out[member.name] = to_image(grid(member.name, top[member.name]), size)
-            mixture += weight * mass(to_image(grid(member.name, predicted), size).astype(float))
-        out[ENSEMBLE] = mixture.astype(np.float32)
-        return ImageMaps(out, {**top, ENSEMBLE: predicted})
 
 
 def masks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,53 +109,59 @@ def main() -> None:
     parser.add_argument("--bundle", default=str(REPO / "models" / "ham10000-ensemble"))
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--figure", type=Path, default=None)
-    parser.add_argument("--layers", default=None,
-                        help="experiment: Grad-CAM at these layers, e.g. inceptionv3=mixed7,densenet201=pool3_pool")
+    parser.add_argument("--min-cells", type=int, default=MIN_CELLS,
+                        help="dermscore.explain.choose_layer's rule: the explained layer's grid has at least this many "
+                             "cells on its shorter side")
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     paths = test_images(Path(args.bundle) / "split.csv", args.images)
     started = time.perf_counter()
-    if args.layers:
-        explainer = EarlierLayerGradCam(bundle, dict(item.split("=") for item in args.layers.split(",")))
-        print(f"experiment: Grad-CAM at {args.layers}")
-    else:
-        explainer = Explainer(bundle)
-        explainer.members()
+    explainer = Explainer(bundle, min_cells=args.min_cells)
+    layers = ", ".join(f"{name} {maps.layer.name} ({maps.layer.grid[0]} x {maps.layer.grid[1]}, {maps.score})"
+                       for name, maps in explainer.members().items())
     load_seconds = time.perf_counter() - started
+    print(f"Grad-CAM at {layers}")
     who = [*(m.name for m in bundle.members), ENSEMBLE]
     results: dict[str, dict[str, list[float]]] = {w: {} for w in who}
     areas: dict[str, list[float]] = {"lesion": [], "vignette": []}
     panels = []
     shown_classes: set[str] = set()
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (lesion, vignette, ensemble map) per image
-    explain_seconds = 0.0
-    for path in paths:
-        rgb = decode_source(file_source(path))[0].rgb
-        lesion, vignette = masks(rgb)
-        areas["lesion"].append(float(lesion.mean()))
-        areas["vignette"].append(float(vignette.mean()))
+    explain_seconds, first_seconds = 0.0, 0.0
+    for start in range(0, len(paths), EXPLAIN_BATCH):
+        rgbs = [decode_source(file_source(path))[0].rgb for path in paths[start:start + EXPLAIN_BATCH]]
         tick = time.perf_counter()
-        explained = explainer.explain(rgb)
-        explain_seconds += time.perf_counter() - tick
-        for name in who:
-            heatmap = explained.maps[name].astype(np.float64)
-            for kind, version in (("raw", proportional(heatmap)), ("stretched", stretched(heatmap))):
-                results[name].setdefault(f"{kind} lesion", []).append(shares(version, lesion))
-                results[name].setdefault(f"{kind} vignette", []).append(shares(version, vignette))
-        kept.append((lesion, vignette, proportional(explained.maps[ENSEMBLE].astype(np.float64))))
-        # A few images of different predicted classes with a lesion mask of a sensible size.
-        predicted = explained.classes[ENSEMBLE]
-        if args.figure and len(panels) < FIGURE_IMAGES and 0.05 < lesion.mean() < 0.6 and predicted not in shown_classes:
-            shown_classes.add(predicted)
-            label = f"{path.stem}: {predicted}; ensemble | inceptionv3"
-            panels.append((rgb, [explained.maps[ENSEMBLE], explained.maps[bundle.members[0].name]], lesion, vignette,
-                           label))
+        batch = explainer.explain_many(rgbs)
+        if start == 0:  # the first call traces and compiles the gradient functions
+            first_seconds = time.perf_counter() - tick
+        else:
+            explain_seconds += time.perf_counter() - tick
+        for path, rgb, explained in zip(paths[start:start + EXPLAIN_BATCH], rgbs, batch):
+            lesion, vignette = masks(rgb)
+            areas["lesion"].append(float(lesion.mean()))
+            areas["vignette"].append(float(vignette.mean()))
+            for name in who:
+                heatmap = explained.maps[name].astype(np.float64)
+                for kind, version in (("raw", proportional(heatmap)), ("stretched", stretched(heatmap))):
+                    results[name].setdefault(f"{kind} lesion", []).append(shares(version, lesion))
+                    results[name].setdefault(f"{kind} vignette", []).append(shares(version, vignette))
+            kept.append((lesion, vignette, proportional(explained.maps[ENSEMBLE].astype(np.float64))))
+            # A few images of different predicted classes with a lesion mask of a sensible size.
+            predicted = explained.classes[ENSEMBLE]
+            if (args.figure and len(panels) < FIGURE_IMAGES and 0.05 < lesion.mean() < 0.6
+                    and predicted not in shown_classes):
+                shown_classes.add(predicted)
+                label = f"{path.stem}: {predicted}; ensemble | inceptionv3"
+                panels.append((rgb, [explained.maps[ENSEMBLE], explained.maps[bundle.members[0].name]], lesion,
+                               vignette, label))
     lesion_area = np.array(areas["lesion"])
     vignette_area = np.array(areas["vignette"])
     with_vignette = vignette_area > 0.01
     print(f"{len(paths)} test images of {bundle.name} {bundle.version}, {datetime.now(timezone.utc):%Y-%m-%d}, "
           f"{cpu_model()} ({platform.machine()}), shared; members loaded in {load_seconds:.1f} s, "
-          f"{explain_seconds / len(paths):.2f} s per image for all maps")
+          f"first batch of {min(EXPLAIN_BATCH, len(paths))} (tracing) {first_seconds:.1f} s, then "
+          f"{explain_seconds / max(len(paths) - EXPLAIN_BATCH, 1):.2f} s per image for all maps, {EXPLAIN_BATCH} "
+          "images per call")
     print(f"lesion mask: mean {lesion_area.mean():.3f} of the image (what a uniform map puts on it); vignette in "
           f"{with_vignette.sum()} images, mean {vignette_area[with_vignette].mean() if with_vignette.any() else 0:.3f} "
           "of those images\n")

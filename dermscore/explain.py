@@ -1,24 +1,25 @@
 """Explain: class-activation heatmaps for the images of flagged lesions (``--heatmaps``).
 
-Method: Grad-CAM (Selvaraju et al. 2017) at each member's last convolutional feature map, computed in
-closed form from one forward pass, with no automatic differentiation. Why that is exact here: every
-supported member is ``backbone -> global average pooling -> Dense layers (ReLU or linear) -> Dense
-softmax`` (the shipped members have one hidden Dense(512, ReLU) between the pooling and the softmax, so
-plain CAM (Zhou et al. 2016), which needs pooling followed directly by the softmax layer, does not apply
-as such). Such a head is piecewise linear in the pooled features ``f``: with the ReLU pattern the image
-produces held fixed, the class logit is ``g_c . f + const``, and the gradient ``g_c`` is the product of
-the Dense kernels with the active units masked. Since ``f`` is the mean of the feature map ``A`` over
-its cells, ``sum_ij g_c . A_ij / cells = g_c . f``: the map ``g_c . A_ij`` splits the logit exactly over
-the cells, and it *is* Grad-CAM's map (Grad-CAM's channel weights are the cell-averaged gradients, here
-``g_c / cells`` everywhere). With no hidden layer it reduces to CAM. Negative evidence is cut at zero as
-Grad-CAM does. Calibration (per-class temperatures on the ensemble's probabilities) acts after the
-members, on the ensemble output, so it changes no member logit and no map.
+Method: Grad-CAM (Selvaraju et al. 2017) at a block output inside each member's backbone, chosen by a
+rule that works for any member (``choose_layer``): the deepest layer that merges branches and that all
+later layers depend on, whose grid has at least ``MIN_CELLS`` cells on its shorter side (InceptionV3 at
+150 x 200: ``mixed7``, 7 x 10; DenseNet201 at 48 x 64: ``conv3_block12_concat``, 6 x 8). The members'
+last convolutional maps (3 x 4 and 1 x 2 cells) are too coarse to show where a lesion is; the benchmark
+in ``docs/heatmaps.md`` measures both. The member is split into ``image -> activations A`` and
+``A -> class scores``; the gradient of the explained class's score with respect to ``A`` comes from the
+Keras backend's automatic differentiation, compiled once per member (TensorFlow: ``tf.function`` over
+``GradientTape``; JAX: ``jax.jit(jax.grad(...))``; any other backend is refused with a ``UsageError``).
+The channel weights are the gradient's spatial means, the map the ReLU of the weighted sum of the
+channels. The score is the class logit (the pre-softmax score Grad-CAM uses: the class's own evidence,
+not coupled to the other classes and not flattened where the softmax saturates) when the member ends in a
+Dense softmax layer, else the log of its output probability. Calibration (per-class temperatures on the
+ensemble's probabilities) acts after the members, so it changes no member logit and no map. Several
+images are explained per call (``EXPLAIN_BATCH``).
 
 A flip-averaged member (``training.export.flip_averaged``: the mean of its classifier's softmax over the
-four flips of its input) gets the mean of its four views' maps, each flipped back to the image's
-orientation. The maps run on Keras 3 (the feature map comes from a sub-model of the member; the head is
-numpy), so they work whichever backend scores: ONNX members are explained by their Keras originals,
-loaded only when a flagged image has no heatmap yet, and the maps run on TensorFlow, JAX or a GPU alike.
+four flips of its input) gets the mean of its four views' maps (each view's logit explained), each
+flipped back to the image's orientation. ONNX members are explained by their Keras originals, loaded only
+when a flagged image has no heatmap yet.
 
 Geometry: ``dermscore.preprocess.resize`` stretches the whole image to the member's input size (no crop,
 no padding), so a member's grid of cells covers the whole image evenly; the grid is stretched back to the
@@ -55,92 +56,132 @@ import numpy as np
 from PIL import Image
 
 from dermscore.bundle import Bundle, Member
-from dermscore.errors import BundleError, InputError
+from dermscore.errors import BundleError, InputError, UsageError
 from dermscore.preprocess import prepare
 from dermscore.records import Frame, Scored, Source
 from dermscore.report.thumbnail import make_thumbnail
 from dermscore.runtime import Runtime
 
-METHOD = "gradcam-last-conv-1"  # part of every file name: a changed method never reuses old files
+METHOD = "gradcam-block-6-1"  # part of every file name: a changed method never reuses old files
 HEATMAP_FOLDER = "heatmaps"
 HEATMAP_COLUMN = "heatmaps"  # images.csv / Images sheet: the image's overlay files, " | "-separated
 ENSEMBLE = "ensemble"
 RAW_SUFFIX = "_raw"
 LIST_SEPARATOR = " | "
 OVERLAY_ALPHA = 0.45  # opacity of the map's colour over the image (the usual Grad-CAM picture)
-PROBE_TOLERANCE = 1e-4  # the head recomputed in numpy against the member's own probabilities
-HEAD_ACTIVATIONS = ("relu", "linear")
+PROBE_TOLERANCE = 1e-4  # the split member's probabilities against the member's own
+MIN_CELLS = 6  # choose_layer: the explained layer's grid has at least this many cells on its shorter side
+EXPLAIN_BATCH = 8  # flagged images per gradient call
+LOGIT = "logit"  # the score explained: the class logit (members ending in a Dense softmax layer)
+LOG_PROBABILITY = "log-probability"  # otherwise
 
 
 # ---------------------------------------------------------------------------------------------- maps
 
 
 @dataclass(frozen=True)
-class DenseStep:
-    """One Dense layer of a member's head, as float64 arrays (Dropout is the identity at inference)."""
+class Layer:
+    """The layer a member's Grad-CAM is computed at (``choose_layer``'s rule) and its output grid."""
 
-    kernel: np.ndarray  # (inputs, units)
-    bias: np.ndarray  # (units,)
-    activation: str  # relu | linear | softmax (last only)
+    name: str
+    grid: tuple[int, int]  # (cells down, cells across)
+
+
+def _inbound(layer: Any) -> list[Any]:
+    return [t._keras_history[0] for node in layer._inbound_nodes for t in node.input_tensors]
+
+
+def choose_layer(body: Any, min_cells: int = MIN_CELLS) -> Any:
+    """The layer of ``body`` (a functional Keras model: a member's backbone, or the member itself) whose
+    output Grad-CAM explains: the deepest block output whose grid has at least ``min_cells`` cells on its
+    shorter side (the finest grid a reviewer can read a lesion's outline from, as deep as possible so its
+    features are still class-specific).
+
+    A *block output* is a layer every later layer depends on through it alone (a cut of the graph, so
+    the member's output is a function of that layer's output only) that merges branches (Concatenate or
+    Add: InceptionV3's ``mixed*``, DenseNet's ``conv*_block*_concat``, ResNet's ``*_add``); in a backbone
+    without merges, any such cut with a 2-D grid. If no grid is that fine, the finest one.
+    """
+    import keras
+
+    layers = [layer for layer in body.layers if not isinstance(layer, keras.layers.InputLayer)]
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    # Layer i is a cut when no later layer reads a layer before i.
+    earliest_read = [min((index.get(id(src), -1) for src in _inbound(layer)), default=-1) for layer in layers]
+    later_min = np.minimum.accumulate(np.array([*earliest_read[1:], len(layers)])[::-1])[::-1]
+    cuts = [layer for i, layer in enumerate(layers) if later_min[i] >= i and len(layer.output.shape) == 4]
+    merges = [layer for layer in cuts if isinstance(layer, (keras.layers.Concatenate, keras.layers.Add))]
+    candidates = merges or cuts
+    if not candidates:
+        raise BundleError(f"model '{body.name}' has no convolutional feature map to explain; heatmaps cannot be "
+                          "computed for it. Run without --heatmaps.")
+    fine = [layer for layer in candidates if min(layer.output.shape[1:3]) >= min_cells]
+    return fine[-1] if fine else max(candidates, key=lambda layer: min(layer.output.shape[1:3]))
 
 
 class MemberMaps:
-    """One Keras member split into a feature-map extractor and a numpy head (see the module docstring).
+    """Grad-CAM for one Keras member at ``choose_layer``'s layer (see the module docstring).
 
-    Refuses a member of another shape (``BundleError``) rather than drawing maps that do not belong to its
-    scores: the head is checked against the member's own probabilities on a probe batch.
+    The member is split into ``image -> activations`` (a sub-model) and ``activations -> class scores`` (the
+    rest of the network); the gradient of the explained class's score with respect to the activations is
+    taken by the Keras backend's own automatic differentiation, compiled once per member (TensorFlow:
+    ``tf.function`` over ``GradientTape``; JAX: ``jax.jit`` of ``jax.grad``). Refuses a member it cannot
+    split faithfully (``BundleError``): the split's probabilities are checked against the member's own on a
+    probe batch.
     """
 
-    def __init__(self, model: Any, member: Member) -> None:
+    def __init__(self, model: Any, member: Member, min_cells: int = MIN_CELLS) -> None:
         import keras
 
         self.flips = not isinstance(model.layers[-1], keras.layers.Dense)
         classifier = _classifier(model, member) if self.flips else model
-        self.extractor, self.head = _split(classifier, member)
+        self.layer, self.extractor, score, self.score = _split(classifier, member, min_cells)
+        self.classes = int(classifier.layers[-1].units)
+        self._forward, self._gradient = _compiled(self.extractor, score, member)
         from dermscore.features import probe_difference
 
-        difference = probe_difference(model, member, lambda x: self.maps(x)[0])
+        difference = probe_difference(model, member, lambda x: self.forward(x)[0])
         if not difference <= PROBE_TOLERANCE:
             raise BundleError(
                 f"member '{member.name}': its probabilities recomputed for heatmaps differ from the member's own by "
-                f"{difference:.2e} on a probe batch (over {PROBE_TOLERANCE:g}); heatmaps support members ending in "
-                "global average pooling and Dense layers, optionally averaged over flips. Run without --heatmaps."
+                f"{difference:.2e} on a probe batch (over {PROBE_TOLERANCE:g}); heatmaps support members whose "
+                "network after the explained layer is one chain ending in a Dense layer, optionally averaged over "
+                "flips. Run without --heatmaps."
             )
 
-    def maps(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``x`` (n, h, w, 3) prepared inputs -> (probabilities (n, classes), maps (n, classes, gh, gw)).
-
-        Maps are signed (before Grad-CAM's ReLU) and in the input's orientation.
-        """
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` (n, h, w, 3) prepared inputs -> (probabilities (n, classes), activations (views * n, gh, gw, k),
+        stacked view by view)."""
         views = _flips(x) if self.flips else [x]
-        features = np.asarray(self.extractor.predict_on_batch(np.concatenate(views)), dtype=np.float64)
-        probabilities, cell_maps = self._head(features)  # (v*n, classes), (v*n, gh, gw, classes)
-        n = len(x)
-        cell_maps = [_unflip(cell_maps[i * n:(i + 1) * n], i) for i in range(len(views))]
-        mean_probabilities = probabilities.reshape(len(views), n, -1).mean(axis=0)
-        return mean_probabilities, np.moveaxis(np.mean(cell_maps, axis=0), -1, 1)
+        activations, scores = (np.asarray(t) for t in self._forward(np.concatenate(views).astype(np.float32)))
+        scores = scores.astype(np.float64)
+        if self.score == LOGIT:
+            exp = np.exp(scores - scores.max(axis=1, keepdims=True))
+            probabilities = exp / exp.sum(axis=1, keepdims=True)
+        else:
+            probabilities = np.exp(scores)
+        return probabilities.reshape(len(views), len(x), -1).mean(axis=0), activations
 
-    def _head(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Softmax outputs and the per-cell logit contributions ``A_ij . g_c`` for every class."""
-        pooled = features.mean(axis=(1, 2))  # (m, k): what global average pooling gives the head
-        masks = []
-        z = pooled
-        for step in self.head:
-            z = z @ step.kernel + step.bias
-            if step.activation == "relu":
-                masks.append(z > 0)
-                z = np.maximum(z, 0.0)
-            else:
-                masks.append(None)
-        logits = z
-        # Gradients of every logit with respect to the pooled features, back through the masked kernels.
-        gradient = np.broadcast_to(np.eye(logits.shape[1]), (len(pooled), *np.eye(logits.shape[1]).shape))
-        for step, mask in zip(reversed(self.head), reversed(masks)):
-            if mask is not None:
-                gradient = gradient * mask[:, :, None]
-            gradient = np.einsum("iu,muc->mic", step.kernel, gradient)  # (m, inputs, classes)
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True), np.einsum("mhwk,mkc->mhwc", features, gradient)
+    def cams(self, activations: np.ndarray, images: Sequence[int], classes: Sequence[int]) -> np.ndarray:
+        """Grad-CAM maps (signed, before the ReLU; (len(images), gh, gw), in the input's orientation) of the
+        images ``images`` (indices into ``forward``'s batch) for the classes ``classes``, in one gradient call.
+
+        Each view's map is Selvaraju et al.'s: channel weights are the spatial mean of the gradient of that
+        view's class score, the map the weighted sum of the channels; the views' maps are flipped back and
+        averaged, as the member averages their probabilities.
+        """
+        views = 4 if self.flips else 1
+        n = len(activations) // views
+        rows = np.array([view * n + i for view in range(views) for i in images])
+        chosen = activations[rows]
+        weights = np.zeros((len(rows), self.classes), dtype=np.float32)
+        weights[np.arange(len(rows)), np.tile(np.asarray(classes, dtype=int), views)] = 1.0
+        gradient = np.asarray(self._gradient(chosen, weights), dtype=np.float64)
+        channel_weights = gradient.mean(axis=(1, 2))  # (rows, k)
+        maps = np.einsum("mhwk,mk->mhw", chosen.astype(np.float64), channel_weights)
+        per_view = maps.reshape(views, len(images), *maps.shape[1:])
+        return np.mean([_unflip(per_view[view], view) for view in range(views)], axis=0)
+
 
 
 def _classifier(model: Any, member: Member) -> Any:
@@ -150,41 +191,86 @@ def _classifier(model: Any, member: Member) -> Any:
     try:
         return classifier_of(model, "flips")
     except BundleError as exc:
-        raise BundleError(f"member '{member.name}' neither ends in a Dense softmax layer nor wraps one classifier; "
+        raise BundleError(f"member '{member.name}' neither ends in a Dense layer nor wraps one classifier; "
                           "heatmaps cannot be computed for it. Run without --heatmaps.") from exc
 
 
-def _split(classifier: Any, member: Member) -> tuple[Any, list[DenseStep]]:
-    """(model from the input to the last feature map, the Dense head after global average pooling)."""
+def _split(classifier: Any, member: Member, min_cells: int) -> tuple[Layer, Any, Any, str]:
+    """(the layer, model image -> its activations, function activations -> class scores, which score).
+
+    The score is the class logit when the member ends in a Dense softmax layer (Grad-CAM's choice: the
+    pre-softmax score of the class alone, not coupled to the other classes' scores and not flattened where
+    the softmax saturates), else the log of the member's output probability (``LOG_PROBABILITY``), the
+    logit up to a term shared by all classes.
+    """
     import keras
 
+    last = classifier.layers[-1]
+    if not isinstance(last, keras.layers.Dense):
+        raise BundleError(f"member '{member.name}' does not end in a Dense layer; heatmaps cannot be computed for "
+                          "it. Run without --heatmaps.")
     layers = [layer for layer in classifier.layers if not isinstance(layer, keras.layers.InputLayer)]
-    pooling = keras.layers.GlobalAveragePooling2D
-    for index, layer in enumerate(layers):
-        if isinstance(layer, pooling):
-            extractor = keras.Model(classifier.inputs, layer.input)
-            break
-        if isinstance(layer, keras.Model) and layer.layers and isinstance(layer.layers[-1], pooling) and index == 0:
-            # A backbone built with pooling="avg" that takes the classifier's input as it is.
-            extractor = keras.Model(layer.inputs, layer.layers[-1].input)
-            break
+    nested = [i for i, layer in enumerate(layers) if isinstance(layer, keras.Model)]
+    if nested and nested[0] == 0:  # a backbone (e.g. built with pooling="avg") that takes the input as it is
+        body, after = layers[0], layers[1:-1]
+        chosen = choose_layer(body, min_cells)
+        tail = keras.Model(chosen.output, body.output)
     else:
-        raise BundleError(f"member '{member.name}' has no global average pooling layer; heatmaps cannot be computed "
-                          "for it. Run without --heatmaps.")
-    head = []
-    for layer in layers[index + 1:]:
-        if isinstance(layer, keras.layers.Dropout):
-            continue
-        activation = getattr(getattr(layer, "activation", None), "__name__", "")
-        if not isinstance(layer, keras.layers.Dense) or activation not in (*HEAD_ACTIVATIONS, "softmax"):
-            raise BundleError(f"member '{member.name}': layer '{layer.name}' after the pooling is not a Dense layer "
-                              "with a ReLU, linear or softmax activation; heatmaps cannot be computed for it.")
-        kernel, bias = (np.asarray(w, dtype=np.float64) for w in layer.get_weights())
-        head.append(DenseStep(kernel, bias, activation))
-    if not head or head[-1].activation != "softmax" or any(s.activation == "softmax" for s in head[:-1]):
-        raise BundleError(f"member '{member.name}' does not end in one Dense softmax layer after its pooling; "
-                          "heatmaps cannot be computed for it. Run without --heatmaps.")
-    return extractor, head
+        body, after = classifier, []
+        chosen = choose_layer(body, min_cells)
+        tail = keras.Model(chosen.output, last.input)
+    extractor = keras.Model(body.inputs, chosen.output)
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    kind = LOGIT if activation == "softmax" else LOG_PROBABILITY
+
+    def score(a: Any) -> Any:
+        from keras import ops
+
+        x = tail(a, training=False)
+        for layer in after:
+            x = layer(x, training=False)
+        if kind == LOGIT:
+            return ops.matmul(x, last.kernel) + last.bias
+        return ops.log(ops.maximum(last(x), 1e-30))
+
+    return Layer(chosen.name, tuple(chosen.output.shape[1:3])), extractor, score, kind
+
+
+def _compiled(extractor: Any, score: Any, member: Member) -> tuple[Any, Any]:
+    """For the Keras backend in use, compiled once (any batch size): ``forward(x) -> (activations, scores)``
+    and ``gradient(a, weights)``, the gradient of ``sum(score(a) * weights)`` with respect to ``a``. Each
+    row of ``weights`` picks one class of its row of ``a``, and the rows are independent at inference, so
+    one call gives every row its own class's gradient."""
+    import keras
+
+    backend = keras.backend.backend()
+
+    def forward(x: Any) -> tuple[Any, Any]:
+        activations = extractor(x, training=False)
+        return activations, score(activations)
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        image = tf.TensorSpec((None, *extractor.inputs[0].shape[1:]), tf.float32)
+        cells = tf.TensorSpec((None, *extractor.outputs[0].shape[1:]), tf.float32)
+
+        @tf.function(input_signature=[cells, tf.TensorSpec((None, None), tf.float32)], reduce_retracing=True)
+        def gradient(a: Any, weights: Any) -> Any:
+            with tf.GradientTape() as tape:
+                tape.watch(a)
+                total = tf.reduce_sum(score(a) * weights)
+            return tape.gradient(total, a)
+
+        return tf.function(forward, input_signature=[image], reduce_retracing=True), gradient
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        return jax.jit(forward), jax.jit(jax.grad(lambda a, weights: jnp.sum(score(a) * weights)))
+    raise UsageError(f"heatmaps need gradients, which dermscore computes on the TensorFlow or JAX Keras backend; "
+                     f"KERAS_BACKEND is '{backend}' (member '{member.name}'). Set KERAS_BACKEND=tensorflow or jax, "
+                     "or run without --heatmaps.")
 
 
 def _flips(x: np.ndarray) -> list[np.ndarray]:
@@ -228,9 +314,10 @@ class Explainer:
     """The bundle's members as ``MemberMaps``, loaded on first use (so a run with nothing to explain
     loads no Keras model). Always Keras, whatever backend scored: ONNX graphs end at the probabilities."""
 
-    def __init__(self, bundle: Bundle, runtime: Runtime | None = None) -> None:
+    def __init__(self, bundle: Bundle, runtime: Runtime | None = None, min_cells: int = MIN_CELLS) -> None:
         self.bundle = bundle
         self.runtime = Runtime(device=runtime.device if runtime else "auto", backend="keras")
+        self.min_cells = min_cells  # choose_layer's rule (the benchmark compares values)
         self._members: dict[str, MemberMaps] | None = None
 
     @property
@@ -243,39 +330,62 @@ class Explainer:
             from dermscore.storage import member_reads
 
             with member_reads(self.bundle):
-                self._members = {m.name: MemberMaps(load_member(self.bundle.member_path(m), self.runtime), m)
+                self._members = {m.name: MemberMaps(load_member(self.bundle.member_path(m), self.runtime), m,
+                                                  self.min_cells)
                                  for m in self.bundle.members}
         return self._members
 
     def explain(
         self, rgb: np.ndarray, member_classes: Mapping[str, str] | None = None, ensemble_class: str | None = None
     ) -> ImageMaps:
-        """Heatmaps of one decoded image: each member's for ``member_classes[member]`` and the ensemble's
-        for ``ensemble_class`` (see the module docstring for the rule). The run passes the classes its
-        report rows show; left out, they are the members' top classes and the ensemble's predicted class
-        (``dermscore.aggregate``'s rule: the top class of the weighted mean) from this forward pass."""
+        """Heatmaps of one decoded image (``explain_many`` of one)."""
+        return self.explain_many([rgb], None if member_classes is None else [member_classes],
+                                 None if ensemble_class is None else [ensemble_class])[0]
+
+    def explain_many(
+        self, rgbs: Sequence[np.ndarray], member_classes: Sequence[Mapping[str, str]] | None = None,
+        ensemble_classes: Sequence[str] | None = None,
+    ) -> list[ImageMaps]:
+        """Heatmaps of decoded images, one forward and one gradient call per member for all of them: each
+        member's for ``member_classes[i][member]`` and the ensemble's for ``ensemble_classes[i]`` (see the
+        module docstring for the rule). The run passes the classes its report rows show; left out, they are
+        the members' top classes and the ensemble's predicted class (``dermscore.aggregate``'s rule: the top
+        class of the weighted mean) from this forward pass."""
         from dermscore.aggregate import ensemble as weighted_mean
 
         bundle = self.bundle
-        inputs = prepare(rgb, bundle.members, bundle.colour_constancy)
-        outputs = {m.name: self.members()[m.name].maps(inputs[m.name][None]) for m in bundle.members}
+        inputs = [prepare(rgb, bundle.members, bundle.colour_constancy) for rgb in rgbs]
+        forward = {m.name: self.members()[m.name].forward(np.stack([x[m.name] for x in inputs]))
+                   for m in bundle.members}
         if member_classes is None:
-            member_classes = {name: bundle.classes[int(np.argmax(p[0]))] for name, (p, _) in outputs.items()}
-        if ensemble_class is None:
-            balanced = weighted_mean({name: p[0] for name, (p, _) in outputs.items()}, bundle)
-            ensemble_class = bundle.classes[int(np.argmax(balanced))]
-        size = rgb.shape[:2]
-        maps: dict[str, np.ndarray] = {}
-        mixture = np.zeros(size, dtype=np.float64)
+            member_classes = [{name: bundle.classes[int(np.argmax(p[i]))] for name, (p, _) in forward.items()}
+                              for i in range(len(rgbs))]
+        if ensemble_classes is None:
+            ensemble_classes = [
+                bundle.classes[int(np.argmax(weighted_mean({name: p[i] for name, (p, _) in forward.items()}, bundle)))]
+                for i in range(len(rgbs))]
+        grids: dict[tuple[str, int, str], np.ndarray] = {}  # (member, image, class) -> Grad-CAM grid after ReLU
+        for member in bundle.members:
+            wanted = sorted({(i, cls) for i in range(len(rgbs))
+                             for cls in (member_classes[i][member.name], ensemble_classes[i])})
+            cams = self.members()[member.name].cams(forward[member.name][1], [i for i, _ in wanted],
+                                                    [bundle.classes.index(cls) for _, cls in wanted])
+            for (i, cls), cam in zip(wanted, cams):
+                grids[member.name, i, cls] = np.maximum(cam, 0.0)  # Grad-CAM's ReLU
         weights = np.array([m.weight for m in bundle.members], dtype=np.float64)
-        for member, weight in zip(bundle.members, weights / weights.sum()):
-            grids = np.maximum(outputs[member.name][1][0], 0.0)  # (classes, gh, gw), Grad-CAM's ReLU
-            maps[member.name] = to_image(grids[bundle.classes.index(member_classes[member.name])], size)
-            for_ensemble = to_image(grids[bundle.classes.index(ensemble_class)], size)
-            mixture += weight * mass(for_ensemble.astype(np.float64))
-        maps[ENSEMBLE] = mixture.astype(np.float32)
-        classes = {**{m.name: member_classes[m.name] for m in bundle.members}, ENSEMBLE: ensemble_class}
-        return ImageMaps(maps, classes)
+        weights /= weights.sum()
+        results = []
+        for i, rgb in enumerate(rgbs):
+            size = rgb.shape[:2]
+            maps: dict[str, np.ndarray] = {}
+            mixture = np.zeros(size, dtype=np.float64)
+            for member, weight in zip(bundle.members, weights):
+                maps[member.name] = to_image(grids[member.name, i, member_classes[i][member.name]], size)
+                mixture += weight * mass(to_image(grids[member.name, i, ensemble_classes[i]], size).astype(np.float64))
+            maps[ENSEMBLE] = mixture.astype(np.float32)
+            classes = {**{m.name: member_classes[i][m.name] for m in bundle.members}, ENSEMBLE: ensemble_classes[i]}
+            results.append(ImageMaps(maps, classes))
+        return results
 
 
 # ------------------------------------------------------------------------------------------ pictures
@@ -445,45 +555,59 @@ def write_heatmaps(
             to_compute.setdefault(item.scored.ref.location, []).append((item, files))
             continue
         listed[key] = [f"{HEATMAP_FOLDER}/{n}" for n in ordered]
-    for location, items in to_compute.items():
-        for key, files in _compute(location, items, target, bundle, explainer, stats):
-            listed[key] = [f"{HEATMAP_FOLDER}/{files[ENSEMBLE]}", *(f"{HEATMAP_FOLDER}/{files[m.name]}"
-                                                                     for m in bundle.members)]
+    pending: list[tuple[Flagged, dict[str, str], Frame]] = []
+    for number, (location, items) in enumerate(to_compute.items(), start=1):
+        pending.extend(_decoded(location, items, stats))
+        while len(pending) >= EXPLAIN_BATCH or (pending and number == len(to_compute)):
+            batch, pending = pending[:EXPLAIN_BATCH], pending[EXPLAIN_BATCH:]
+            listed.update(_compute(batch, target, bundle, explainer, stats))
     stats.images = len(listed)
     stats.members_loaded = explainer.loaded
     stats.seconds = time.perf_counter() - started
     return listed, stats
 
 
-def _compute(
-    location: str, items: list[tuple[Flagged, dict[str, str]]], target: Path, bundle: Bundle, explainer: Explainer,
-    stats: HeatmapStats,
-) -> Iterator[tuple[tuple[str, Any], dict[str, str]]]:
-    """Decode one source again and write the heatmaps of its flagged images (frames)."""
+def _decoded(
+    location: str, items: list[tuple[Flagged, dict[str, str]]], stats: HeatmapStats
+) -> Iterator[tuple[Flagged, dict[str, str], Frame]]:
+    """Decode one source again: its flagged images (frames) as scored; the others are warned about."""
     try:
         frames = {frame.ref.frame: frame for frame in _frames(location)}
     except (InputError, OSError) as exc:
         frames, problem = {}, f"cannot be read again ({exc})"
     else:
         problem = "has changed since it was scored"
-    from dermscore.aggregate import member_column
-
     for item, files in items:
         ref = item.scored.ref
         frame = frames.get(ref.frame)
         if frame is None or frame.ref.sha256 != ref.sha256:
             stats.failed.append(location)
             warnings.warn(f"{location}: no heatmap, the image {problem}; score it again to get one.",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
             continue
-        result = explainer.explain(frame.rgb, {m.name: str(item.row[member_column(m.name)]) for m in bundle.members},
-                                   str(item.row["predicted_class"]))
-        target.mkdir(parents=True, exist_ok=True)
+        yield item, files, frame
+
+
+def _compute(
+    batch: list[tuple[Flagged, dict[str, str], Frame]], target: Path, bundle: Bundle, explainer: Explainer,
+    stats: HeatmapStats,
+) -> Iterator[tuple[tuple[str, Any], list[str]]]:
+    """Write the heatmaps of decoded flagged images, explained together; yields their listed overlays."""
+    from dermscore.aggregate import member_column
+
+    results = explainer.explain_many(
+        [frame.rgb for _, _, frame in batch],
+        [{m.name: str(item.row[member_column(m.name)]) for m in bundle.members} for item, _, _ in batch],
+        [str(item.row["predicted_class"]) for item, _, _ in batch])
+    target.mkdir(parents=True, exist_ok=True)
+    for (item, files, frame), result in zip(batch, results):
         for who, name in files.items():
             _write(target / name, _png(overlay(frame.rgb, result.maps[who])))
             _write(target / raw_name(name), _png(raw_grey(result.maps[who])))
         stats.computed += 1
-        yield (ref.location, ref.frame), files
+        ref = item.scored.ref
+        yield (ref.location, ref.frame), [f"{HEATMAP_FOLDER}/{files[ENSEMBLE]}",
+                                          *(f"{HEATMAP_FOLDER}/{files[m.name]}" for m in bundle.members)]
 
 
 def lesion_heatmap_thumbnails(

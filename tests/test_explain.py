@@ -17,6 +17,7 @@ from PIL import Image
 from dermscore.aggregate import Thresholds
 from dermscore.bundle import load_bundle
 from dermscore.explain import HEATMAP_COLUMN, HEATMAP_FOLDER, LIST_SEPARATOR, RAW_SUFFIX, Explainer, MemberMaps
+from dermscore.features import classifier_of
 from dermscore.preprocess import prepare
 from dermscore.run import RunOptions, run
 
@@ -143,35 +144,75 @@ def test_a_run_with_nothing_flagged_writes_no_heatmaps_and_loads_no_keras(
     assert not (out / HEATMAP_FOLDER).exists()
 
 
-def test_the_closed_form_is_grad_cam(small_bundle: Path, sample_images: list[Path]) -> None:
-    """A member with a hidden ReLU layer in its head, as the shipped ones: the map of MemberMaps equals
-    Grad-CAM computed with TensorFlow's automatic differentiation (the test may use it; dermscore does not)."""
+def residual_member(input_size: tuple[int, int]):  # -> (keras.Model, name of the layer the rule must pick)
+    """A small member shaped like the shipped ones: a backbone of blocks ending in merges (Add), a hidden
+    Dense(ReLU) and Dropout before the softmax, averaged over flips (``training.export.flip_averaged``)."""
+    import keras
+
+    from training.export import flip_averaged
+
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((*input_size, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)  # 19 x 23
+    x = keras.layers.Add()([x, keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)])
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)  # 9 x 11
+    block = keras.layers.Add(name="block2_out")
+    x = block([x, keras.layers.Conv2D(16, 3, padding="same", activation="relu")(x)])
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)  # 4 x 5: finer than MIN_CELLS = 6 no more
+    x = keras.layers.Add()([x, keras.layers.Conv2D(16, 3, padding="same")(x)])
+    hidden = keras.layers.Dense(12, activation="relu")(keras.layers.GlobalAveragePooling2D()(x))
+    outputs = keras.layers.Dense(7, activation="softmax")(keras.layers.Dropout(0.5)(hidden))
+    return flip_averaged(keras.Model(inputs, outputs)), block.name
+
+
+def test_grad_cam_matches_eager_gradient_tape_at_the_chosen_layer(small_bundle: Path, sample_images: list[Path]) -> None:
+    """MemberMaps (compiled gradient, batched, flips) against Grad-CAM written out plainly with an eager
+    ``tf.GradientTape`` from the image through the whole classifier, at the layer the rule picks: the
+    deepest merge whose grid has at least MIN_CELLS cells on its shorter side."""
     import keras
     import tensorflow as tf
 
     member = load_bundle(small_bundle).members[0]
-    keras.utils.set_random_seed(7)
-    inputs = keras.Input((*member.input_size, 3))
-    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
-    features = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
-    pooled = keras.layers.GlobalAveragePooling2D()(features)
-    hidden = keras.layers.Dense(12, activation="relu")(pooled)
-    outputs = keras.layers.Dense(7, activation="softmax")(keras.layers.Dropout(0.5)(hidden))
-    model = keras.Model(inputs, outputs)
+    model, expected_layer = residual_member(member.input_size)
     maps = MemberMaps(model, member)
-    rgb = np.asarray(Image.open(sample_images[2]).convert("RGB"))
-    x_in = prepare(rgb, (member,))[member.name][None]
-    _, grids = maps.maps(x_in)
-    extractor = keras.Model(inputs, features)
-    head = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
-    for c in range(7):
-        a = tf.Variable(extractor(x_in))
-        with tf.GradientTape() as tape:
-            logits = tf.matmul(head[0](tf.reduce_mean(a, axis=(1, 2))), head[1].kernel) + head[1].bias
-            score = logits[0, c]
-        weights = tf.reduce_mean(tape.gradient(score, a), axis=(1, 2))  # Grad-CAM's channel weights
-        expected = tf.reduce_sum(a * weights[:, None, None, :], axis=-1)[0].numpy() * a.shape[1] * a.shape[2]
-        assert np.allclose(grids[0, c], expected, rtol=1e-4, atol=1e-5)
+    assert maps.layer.name == expected_layer and maps.layer.grid == (9, 11) and maps.score == "logit"
+    rgbs = [np.asarray(Image.open(path).convert("RGB")) for path in sample_images[2:4]]
+    x = np.stack([prepare(rgb, (member,))[member.name] for rgb in rgbs])
+    probabilities, activations = maps.forward(x)
+    assert np.allclose(probabilities, model.predict_on_batch(x), atol=1e-5)
+    images, classes = [0, 1, 1], [3, 3, 5]  # image 1 for two classes in the same call
+    got = maps.cams(activations, images, classes)
+    classifier = classifier_of(model, "flips")
+    both = keras.Model(classifier.inputs, [classifier.get_layer(expected_layer).output,
+                                           classifier.layers[-1].input])
+    last = classifier.layers[-1]
+    for row, (i, c) in enumerate(zip(images, classes)):
+        views = [x[i], x[i][:, ::-1], x[i][::-1], x[i][::-1, ::-1]]
+        expected = []
+        for view, image in enumerate(views):
+            with tf.GradientTape() as tape:
+                a, features = both(tf.constant(image[None]), training=False)
+                logit = (tf.matmul(features, last.kernel) + last.bias)[0, c]
+            weights = tf.reduce_mean(tape.gradient(logit, a), axis=(1, 2))  # Grad-CAM's channel weights
+            cam = tf.reduce_sum(a * weights[:, None, None, :], axis=-1)[0].numpy()
+            expected.append(cam[:, ::-1] if view == 1 else cam[::-1] if view == 2 else cam[::-1, ::-1] if view == 3
+                            else cam)
+        expected = np.mean(expected, axis=0)
+        assert np.abs(expected).max() > 0 and np.abs(expected - expected[:, ::-1]).max() > 0.01 * np.abs(expected).max()
+        assert np.allclose(got[row], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_another_keras_backend_is_refused_by_name(small_bundle: Path, sample_images: list[Path]) -> None:
+    """Gradients are taken with TensorFlow or JAX; Keras' numpy backend (no gradients) gets a UsageError."""
+    code = ("import sys, numpy as np; from PIL import Image; from dermscore.bundle import load_bundle; "
+            "from dermscore.errors import UsageError; from dermscore.explain import Explainer\n"
+            "try:\n Explainer(load_bundle(sys.argv[1])).explain(np.asarray(Image.open(sys.argv[2]).convert('RGB')))\n"
+            "except UsageError as exc:\n print(exc)")
+    env = {**os.environ, "KERAS_BACKEND": "numpy"}
+    done = subprocess.run([sys.executable, "-c", code, str(small_bundle), str(sample_images[0])], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "KERAS_BACKEND is 'numpy'" in done.stdout and "TensorFlow or JAX" in done.stdout
 
 
 def test_maps_agree_on_the_jax_backend(small_bundle: Path, sample_images: list[Path], tmp_path: Path) -> None:
