@@ -202,6 +202,21 @@ def test_grad_cam_matches_eager_gradient_tape_at_the_chosen_layer(small_bundle: 
         assert np.allclose(got[row], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
+def test_the_rule_picks_a_block_output_of_6_x_6_cells_or_more_in_the_shipped_architectures() -> None:
+    """choose_layer on the shipped members' backbones at their input sizes (untrained weights: the rule
+    reads only the graph): the deepest merge all later layers depend on with at least 6 cells a side."""
+    import keras
+
+    from dermscore.explain import choose_layer
+
+    inception = keras.applications.InceptionV3(weights=None, include_top=False, pooling="avg", input_shape=(150, 200, 3))
+    densenet = keras.applications.DenseNet201(weights=None, include_top=False, pooling="avg", input_shape=(48, 64, 3))
+    assert [(layer.name, tuple(layer.output.shape[1:3])) for layer in map(choose_layer, (inception, densenet))] == [
+        ("mixed7", (7, 10)), ("conv3_block12_concat", (6, 8))]
+    # Coarser K: InceptionV3's next block output is its last map; DenseNet201's is the end of dense block 4.
+    assert [choose_layer(model, 3).name for model in (inception, densenet)] == ["mixed10", "conv4_block48_concat"]
+
+
 def test_another_keras_backend_is_refused_by_name(small_bundle: Path, sample_images: list[Path]) -> None:
     """Gradients are taken with TensorFlow or JAX; Keras' numpy backend (no gradients) gets a UsageError."""
     code = ("import sys, numpy as np; from PIL import Image; from dermscore.bundle import load_bundle; "
