@@ -88,14 +88,15 @@ class Layer:
 
 
 def _inbound(layer: Any) -> list[Any]:
+    """The layers whose outputs ``layer`` reads (Keras 3's graph nodes)."""
     return [t._keras_history[0] for node in layer._inbound_nodes for t in node.input_tensors]
 
 
 def choose_layer(body: Any, min_cells: int = MIN_CELLS) -> Any:
     """The layer of ``body`` (a functional Keras model: a member's backbone, or the member itself) whose
     output Grad-CAM explains: the deepest block output whose grid has at least ``min_cells`` cells on its
-    shorter side (the finest grid a reviewer can read a lesion's outline from, as deep as possible so its
-    features are still class-specific).
+    shorter side (fine enough to show where in the image a lesion lies, and as deep as that allows, so its
+    features are as class-specific as possible; ``docs/heatmaps.md`` measures the choice of ``min_cells``).
 
     A *block output* is a layer every later layer depends on through it alone (a cut of the graph, so
     the member's output is a function of that layer's output only) that merges branches (Concatenate or
@@ -255,14 +256,15 @@ def _compiled(extractor: Any, score: Any, member: Member) -> tuple[Any, Any]:
         image = tf.TensorSpec((None, *extractor.inputs[0].shape[1:]), tf.float32)
         cells = tf.TensorSpec((None, *extractor.outputs[0].shape[1:]), tf.float32)
 
-        @tf.function(input_signature=[cells, tf.TensorSpec((None, None), tf.float32)], reduce_retracing=True)
+        # autograph=False: the functions have no data-dependent Python control flow to convert.
+        @tf.function(input_signature=[cells, tf.TensorSpec((None, None), tf.float32)], autograph=False)
         def gradient(a: Any, weights: Any) -> Any:
             with tf.GradientTape() as tape:
                 tape.watch(a)
                 total = tf.reduce_sum(score(a) * weights)
             return tape.gradient(total, a)
 
-        return tf.function(forward, input_signature=[image], reduce_retracing=True), gradient
+        return tf.function(forward, input_signature=[image], autograph=False), gradient
     if backend == "jax":
         import jax
         import jax.numpy as jnp
