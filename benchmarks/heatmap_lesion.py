@@ -38,7 +38,7 @@ from skimage.filters import threshold_otsu
 from dermscore.bundle import load_bundle
 from dermscore.decode import decode_source
 from dermscore.discover import file_source
-from dermscore.explain import EXPLAIN_BATCH, MIN_CELLS, ENSEMBLE, Explainer, overlay, proportional, stretched
+from dermscore.explain import ENSEMBLE, EXPLAIN_BATCH, MIN_CELLS, Explainer, overlay, proportional, stretched
 from dermscore.runtime import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
