@@ -20,7 +20,7 @@ import numpy as np
 
 from dermscore.records import NOT_A_LESION, UNSURE
 
-ECE_BINS = 15  # as training/metrics.py, so local figures compare with the model card's
+ECE_BINS = 15  # training/metrics.py uses this ECE too, so local figures compare with the model card's
 
 
 def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:

@@ -317,7 +317,7 @@ def test_evaluate_refuses_labels_outside_the_bundle_classes(run_copy: Path, tmp_
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_metrics_agree_with_scikit_learn_and_training() -> None:
-    from training.metrics import calibration_error as training_ece
+    from training.metrics import reliability  # scikit-learn's calibration_curve, an independent ECE
 
     rng = np.random.default_rng(7)
     classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -330,7 +330,9 @@ def test_metrics_agree_with_scikit_learn_and_training() -> None:
     assert [recall[c][0] for c in classes[:5]] == pytest.approx(
         recall_score(truth, predicted, labels=classes[:5], average=None))
     assert np.isnan(recall["vasc"][0]) and recall["vasc"][1] == 0
-    assert calibration_error(truth == predicted, confidence) == pytest.approx(training_ece(truth == predicted, confidence))
+    accuracy, mean_confidence, counts = reliability(truth == predicted, confidence)
+    assert calibration_error(truth == predicted, confidence) == pytest.approx(
+        float(np.sum(counts / counts.sum() * np.abs(accuracy - mean_confidence))))
     onehot = (truth[:, None] == np.array(classes)[None, :]).astype(float)
     assert brier_score(truth, probabilities, classes) == pytest.approx(((probabilities - onehot) ** 2).sum(1).mean())
     verdicts = truth.astype(object)

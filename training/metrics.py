@@ -13,8 +13,7 @@ import warnings
 import numpy as np
 
 from dermscore.bundle import CLASS_CODES
-
-ECE_BINS = 15
+from dermscore.evaluate import ECE_BINS, calibration_error  # one ECE for the model card and `dermscore evaluate`
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = len(CLASS_CODES)) -> np.ndarray:
@@ -60,12 +59,6 @@ def sensitivity_at_specificity(positive: np.ndarray, scores: np.ndarray, specifi
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
     """Top-label ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by size."""
     return calibration_error(probs.argmax(1) == np.asarray(y_true), probs.max(1), bins)
-
-
-def calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE of any confidence (e.g. the calibrated probability of the class a decision rule predicted)."""
-    accuracy, mean_confidence, counts = reliability(correct, confidence, bins)
-    return float(np.sum(counts / counts.sum() * np.abs(accuracy - mean_confidence)))
 
 
 def reliability(correct: np.ndarray, confidence: np.ndarray, bins: int = ECE_BINS) -> tuple[np.ndarray, ...]:
