@@ -132,6 +132,13 @@ def open_feed(
     return feed
 
 
+def stacked(prepared: list[Prepared], bundle: Bundle) -> FeedBatch:
+    """A batch stacked in this process from decoded inputs, one row each in order (the thread feed's batches,
+    and the process feed's for the further frames of multi-frame inputs)."""
+    return FeedBatch(stack_inputs([inputs for _, inputs in prepared], bundle.members),
+                     [(ref, row) for row, (ref, _) in enumerate(prepared)], len(prepared))
+
+
 class ThreadFeed:
     """Decoding in threads of this process, batches stacked here: the local engine as it always was."""
 
@@ -145,8 +152,7 @@ class ThreadFeed:
         pending: list[Prepared] = []
 
         def full() -> FeedBatch:
-            batch = FeedBatch(stack_inputs([inputs for _, inputs in pending], self.bundle.members),
-                              [(ref, row) for row, (ref, _) in enumerate(pending)], len(pending))
+            batch = stacked(pending, self.bundle)
             pending.clear()
             return batch
 
@@ -375,8 +381,7 @@ class ProcessFeed:
                 if part.entries:
                     yield part
             else:
-                yield FeedBatch(stack_inputs([inputs for _, inputs in part], self.bundle.members),
-                                [(ref, i) for i, (ref, _) in enumerate(part)], len(part))
+                yield stacked(part, self.bundle)
 
     def _receive(self) -> None:
         """Wait for replies; a worker that died is replaced and its unfinished inputs given out again."""
