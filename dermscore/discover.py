@@ -282,7 +282,7 @@ class Discovery:
                 locate = partial(self.locate_member, archive, posixpath.dirname(name), claimed)
                 yield from self.dicom(location, partial(archive.read, name, META_BYTES), read, "zip-member", locate)
             elif found == "raster":
-                yield Source(location, read, "zip-member", self.lesion_attribute)
+                yield archive.member_source(name, self.lesion_attribute)
 
     def locate_member(self, archive: ZipArchive, folder: str, claimed: set[str], relative: str) -> Located | None:
         """A DICOMDIR reference inside a zip: the member at that path under the DICOMDIR's folder."""
@@ -295,8 +295,7 @@ class Discovery:
         problem = archive.problem(archive.names[name])
         if problem:
             raise InputError(problem, stage="read")
-        source = Source(archive.location(name), partial(archive.read, name), "zip-member", self.lesion_attribute)
-        return source, partial(archive.read, name, META_BYTES)
+        return archive.member_source(name, self.lesion_attribute), partial(archive.read, name, META_BYTES)
 
 
 def dicom_header(head: Callable[[], bytes]) -> Header:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from functools import partial
 from pathlib import Path
 
 from dermscore.errors import InputError
+from dermscore.records import DEFAULT_LESION_ATTRIBUTE, Source
 
 MAX_ARCHIVE_BYTES = 16 * 2**30  # a clinic export of a few thousand DICOM images fits well inside
 MAX_MEMBER_BYTES = 2**30  # one member is held in memory while it is decoded
@@ -64,6 +66,16 @@ class ZipArchive:
 
     def location(self, name: str) -> str:
         return f"{self.path}!{name}"
+
+    @staticmethod
+    def split_location(location: str) -> tuple[Path, str]:
+        """``location``'s inverse: (the archive's path, the member's name)."""
+        path, name = location.split("!", 1)
+        return Path(path), name
+
+    def member_source(self, name: str, lesion_attribute: str = DEFAULT_LESION_ATTRIBUTE) -> Source:
+        """The Source of a member, read in place when scored (discovery, and the explain stage reading it again)."""
+        return Source(self.location(name), partial(self.read, name), "zip-member", lesion_attribute)
 
     def problem(self, info: zipfile.ZipInfo) -> str | None:
         """Why a member is refused before any byte of it is decompressed, or None."""
