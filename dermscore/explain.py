@@ -184,7 +184,6 @@ class MemberMaps:
         return np.mean([_unflip(per_view[view], view) for view in range(views)], axis=0)
 
 
-
 def _classifier(model: Any, member: Member) -> Any:
     """The classifier a flip-averaging wrapper calls (``dermscore.features.classifier_of``)."""
     from dermscore.features import classifier_of
@@ -491,9 +490,8 @@ def source_at(location: str) -> Source:
         return file_source(path)
     from dermscore.decode.archives import ZipArchive
 
-    archive_path, name = location.split("!", 1)
-    archive = ZipArchive(Path(archive_path))
-    return Source(location, lambda: archive.read(name), "zip-member")
+    archive_path, name = ZipArchive.split_location(location)
+    return ZipArchive(archive_path).member_source(name)
 
 
 def _frames(location: str) -> list[Frame]:
@@ -502,12 +500,17 @@ def _frames(location: str) -> list[Frame]:
     return decode_source(source_at(location))
 
 
-def _earlier(out: Path, folder: Path, name: str) -> Path | None:
-    """The same file in another report folder of ``out`` (its root or a timestamped subfolder), if any."""
-    for candidate in (out / HEATMAP_FOLDER / name, *out.glob(f"*/{HEATMAP_FOLDER}/{name}")):
-        if candidate.parent != folder / HEATMAP_FOLDER and candidate.is_file():
-            return candidate
-    return None
+def _earlier(out: Path, folder: Path, names: Sequence[str]) -> dict[str, Path] | None:
+    """Each of ``names`` in another report folder of ``out`` (its root or a timestamped subfolder), or None
+    as soon as one is in none (so an image never explained before costs one look)."""
+    found = {}
+    for name in names:
+        found[name] = next((candidate for candidate in (out / HEATMAP_FOLDER / name,
+                                                        *out.glob(f"*/{HEATMAP_FOLDER}/{name}"))
+                            if candidate.parent != folder / HEATMAP_FOLDER and candidate.is_file()), None)
+        if found[name] is None:
+            return None
+    return found
 
 
 def _place(source: Path, target: Path) -> None:
@@ -547,11 +550,11 @@ def write_heatmaps(
         ordered = [files[ENSEMBLE], *(files[m.name] for m in bundle.members)]
         if all((target / n).is_file() for n in names):
             stats.reused += 1
-        elif all(_earlier(out, folder, n) for n in names):
+        elif earlier := _earlier(out, folder, names):
             target.mkdir(parents=True, exist_ok=True)
-            for n in names:
+            for n, path in earlier.items():
                 if not (target / n).is_file():
-                    _place(_earlier(out, folder, n), target / n)
+                    _place(path, target / n)
             stats.reused += 1
         else:
             to_compute.setdefault(item.scored.ref.location, []).append((item, files))
