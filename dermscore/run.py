@@ -245,12 +245,13 @@ def _report(
     """Reports come from the ledger, not from memory, so they can cover earlier runs (``--report all``)
     and always use this run's thresholds and lesion maps."""
     new_only = options.report == "new"
-    rows, results = [], []
+    rows, results = [], []  # results (the ledger's records) only for the explain stage, one per row
     thumbnails: dict[str, bytes] = {}  # first image of each lesion
     for result in ledger.scored(bundle.identity, new_only):
         row = image_row(result, bundle, options.thresholds, lesion_maps)
         rows.append(pseudonymize_row(row, key) if key else row)
-        results.append(result)
+        if options.heatmaps:
+            results.append(result)
         if result.ref.thumbnail:
             thumbnails.setdefault(rows[-1]["lesion_id"], result.ref.thumbnail)
     summary.reported = len(rows)
