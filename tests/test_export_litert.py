@@ -5,6 +5,7 @@ match Keras within 1e-4 (float32); the float16 variant's size and gap are report
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +26,34 @@ RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling
 
 
 @pytest.fixture(scope="module")
-def exported(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def constancy_bundle(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small bundle with Shades of Gray colour constancy in its manifest."""
+    bundle = tmp_path_factory.mktemp("constancy") / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["colour_constancy"] = {"method": "shades_of_gray", "p": 6}
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def exported(constancy_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("litert")
-    result = CliRunner().invoke(app, ["export", str(small_bundle), "--format", "litert", str(out), "--float16"])
+    result = CliRunner().invoke(app, ["export", str(constancy_bundle), "--format", "litert", str(out), "--float16"])
     assert result.exit_code == 0, result.output
     return out
 
 
-def app_input(rgb: np.ndarray, member: dict) -> np.ndarray:
-    """What an app does with litert.json alone: stretch to the input size, then scale and offset per channel."""
+def app_input(rgb: np.ndarray, member: dict, constancy: dict | None) -> np.ndarray:
+    """What an app does with litert.json alone: stretch to the input size, normalise the illuminant as the
+    JSON states it (written here from that statement, not with dermscore's function), then scale and offset."""
     size = (member["input"]["width"], member["input"]["height"])
     resized = np.asarray(Image.fromarray(rgb).resize(size, RESAMPLING[member["resize"]["method"]]), dtype=np.float32)
+    if constancy is not None:
+        assert constancy["method"] == "shades_of_gray"
+        p = constancy["p"]
+        e = np.mean((resized / 255.0) ** p, axis=(0, 1)) ** (1.0 / p)
+        resized = np.clip(resized * (np.linalg.norm(e) / (np.sqrt(3.0) * np.maximum(e, 1e-6))), 0.0, 255.0)
     pre = member["preprocessing"]
     return resized * np.float32(pre["scale"]) + np.float32(pre["offset"])
 
@@ -56,23 +74,24 @@ def interpret(path: Path, batch: np.ndarray) -> np.ndarray:
 
 
 def test_litert_members_match_keras_on_real_images_and_the_json_rule_gives_the_ensemble(
-    exported: Path, small_bundle: Path
+    exported: Path, constancy_bundle: Path
 ) -> None:
     import keras
 
-    bundle = read_bundle(small_bundle)
+    bundle = read_bundle(constancy_bundle)
     manifest = json.loads((exported / "litert.json").read_text())
+    assert manifest["colour_constancy"]["p"] == 6 and bundle.colour_constancy is not None
     assert manifest["classes"] == list(bundle.classes)
     assert manifest["malignant_classes"] == list(bundle.malignant_classes)
     assert sorted(p.name for p in exported.glob("*.tflite")) == sorted(
         [f"{m.name}.tflite" for m in bundle.members] + [f"{m.name}.float16.tflite" for m in bundle.members])
     rgb = [fx.load_rgb(p) for p in fx.real_jpegs(6)]
-    ours = [prepare(image, bundle.members) for image in rgb]  # dermscore's own preprocessing
+    ours = [prepare(image, bundle.members, bundle.colour_constancy) for image in rgb]  # dermscore's own
     keras_out, litert_out, half_out = {}, {}, {}
     for member, entry in zip(bundle.members, manifest["members"]):
         assert (entry["name"], entry["keras_sha256"]) == (member.name, member.sha256)
         assert (entry["input"]["height"], entry["input"]["width"]) == member.input_size
-        app_batch = np.stack([app_input(image, entry) for image in rgb])
+        app_batch = np.stack([app_input(image, entry, manifest["colour_constancy"]) for image in rgb])
         np.testing.assert_allclose(app_batch, np.stack([o[member.name] for o in ours]), atol=1e-5)
         model = keras.models.load_model(bundle.member_path(member), compile=False)
         keras_out[member.name] = np.asarray(model.predict_on_batch(app_batch), dtype=np.float64)
@@ -99,8 +118,6 @@ def test_export_refuses_an_unknown_format(small_bundle: Path, tmp_path: Path) ->
 
 
 def test_a_bundle_with_a_field_the_export_does_not_carry_is_refused(small_bundle: Path, tmp_path: Path) -> None:
-    import shutil
-
     bundle = tmp_path / "bundle"
     shutil.copytree(small_bundle, bundle)
     manifest = json.loads((bundle / "bundle.json").read_text())
@@ -128,6 +145,7 @@ def test_a_fitted_bundle_exports_its_calibration_and_thresholds_and_says_the_ood
     assert described["thresholds"]["malignant"] == fitted.malignant == bundle.operating_points.malignant
     assert described["thresholds"]["review"] == bundle.operating_points.review
     assert "ood" in described["not_carried"]
+    assert described["colour_constancy"] is None  # a bundle without the field: images go in as resized
     # The rule as litert.json states it gives dermscore's calibrated probabilities.
     p = np.array([[0.05, 0.1, 0.2, 0.05, 0.3, 0.25, 0.05]])
     t = np.array(described["calibration"]["temperatures"])

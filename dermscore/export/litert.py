@@ -6,7 +6,8 @@ the plain LiteRT runtime and no TensorFlow ("Flex") delegate. With ``float16`` e
 written as ``<member>.float16.tflite`` (weights stored in float16: half the size; the gap to Keras is
 measured and recorded, not bounded). ``litert.json`` beside them holds what an app needs to reproduce a
 score: classes, malignant classes, each member's input size, resize and normalisation, the ensemble
-weights and rule, the default thresholds and the not-a-diagnosis statement (docs/litert.md).
+weights and rule, the colour constancy, the default thresholds and the not-a-diagnosis statement
+(docs/litert.md).
 
 Every float32 file is run with the LiteRT interpreter (``ai-edge-litert``) on a probe batch before it is
 kept, and refused when it differs from Keras by more than ``PROBE_TOLERANCE`` (1e-4), the same bar as the
@@ -39,7 +40,7 @@ FORMATS = ("litert",)
 # ``not_carried``, see not_carried). A bundle with any other field (a new preprocessing step, ...) is
 # refused: an app given only these files would score it differently from dermscore, and nobody would notice.
 KNOWN_FIELDS = {"format_version", "name", "version", "classes", "malignant_classes", "members", "intended_use",
-                "provenance", "calibration", "operating_points", "ood"}
+                "provenance", "calibration", "operating_points", "ood", "colour_constancy"}
 KNOWN_MEMBER_FIELDS = {"name", "architecture", "file", "input_size", "preprocessing", "resize", "weight", "sha256"}
 LITERT_JSON = "litert.json"
 JSON_FORMAT = "dermscore-litert/1"
@@ -136,7 +137,8 @@ def export_member(bundle: Bundle, member: Member, out: Path, images: Sequence[np
         "resize": {"method": member.resize, "antialias": True,
                    "note": "stretch the whole image to height x width (no crop, no padding), as Pillow's resize"},
         "preprocessing": {"mode": member.preprocessing, **normalisation,
-                          "note": "pixel = value * scale[c] + offset[c] per RGB channel c, after resizing"},
+                          "note": "pixel = value * scale[c] + offset[c] per RGB channel c, after resizing and "
+                                  "the colour constancy (when litert.json has one)"},
         "output": {"shape": [None, len(bundle.classes)], "meaning": "softmax probabilities in 'classes' order"},
     })
     if float16:
@@ -162,6 +164,7 @@ def describe(bundle: Bundle, members: list[dict[str, Any]], probes: int) -> dict
             "how": "p = sum over members of weight * member softmax output (weights sum to 1); predicted class = "
                    "argmax p; malignant_probability = sum of p over malignant_classes",
         },
+        "colour_constancy": colour_constancy_rule(bundle),
         "calibration": calibration_rule(bundle),
         # The bundle's fitted operating points where it has them, else dermscore's defaults: what `run` uses.
         "thresholds": {name: value for name, (value, _) in Thresholds().sources(bundle).items()},
@@ -171,6 +174,18 @@ def describe(bundle: Bundle, members: list[dict[str, Any]], probes: int) -> dict
         "intended_use": bundle.intended_use,
         "statement": DISCLAIMER,
     }
+
+
+def colour_constancy_rule(bundle: Bundle) -> dict[str, Any] | None:
+    """How an app normalises the illuminant of each resized image before the member normalisation (None: not at
+    all), stated so that it can be reimplemented from litert.json alone (``dermscore.preprocess.shades_of_gray``)."""
+    if bundle.colour_constancy is None:
+        return None
+    return {**bundle.colour_constancy.to_json(),
+            "how": "after resizing to each member's input, in float32 without rounding: x = value / 255 per RGB "
+                   "channel c, e_c = (mean over all pixels of x_c ** p) ** (1 / p), g_c = sqrt(e_r^2 + e_g^2 + "
+                   "e_b^2) / (sqrt(3) * max(e_c, 1e-6)), value_c = clip(value_c * g_c, 0, 255); then "
+                   "preprocessing.scale / offset"}
 
 
 def calibration_rule(bundle: Bundle) -> dict[str, Any] | None:
