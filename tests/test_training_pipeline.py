@@ -181,21 +181,29 @@ def test_exported_bundle_loads_and_scores_like_training(pipeline):
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(pipeline, tmp_path):
-    """SIGKILL the training process after its first checkpoint; running the command again continues."""
+    """SIGKILL the training process after its first checkpoint; running the command again continues.
+
+    The run continues a shipped bundle's member (as the CPU fine-tune of 2026-11-27 did): it records that bundle's
+    identity and the member's stages when it starts, and the resume keeps that record, so the new card lists
+    every stage even after the old bundle has been replaced in place."""
+    from training.cli import parse
+    from training.steps import WARM_START, _member_training, member_run
+
     work = tmp_path / "work"
     work.mkdir()
     for name in ("index.csv", "split.csv"):
         shutil.copy2(pipeline["work"] / name, work / name)
-    command = [
-        sys.executable,
-        "-m",
-        "training",
+    shipped = load_bundle(pipeline["out"])
+    member = next(m for m in shipped.members if m.name == "inceptionv3")
+    arguments = [
         "train",
         *_common(pipeline["data"], work),
         *_sizes("inceptionv3"),
         "--epochs",
         "3",
+        *("--colour-constancy", "6", "--warm-start", str(shipped.member_path(member))),
     ]
+    command = [sys.executable, "-m", "training", *arguments]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     state_path = work / "members" / "inceptionv3" / "state.json"
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -218,3 +226,41 @@ def test_killed_run_resumes_from_its_last_checkpoint(pipeline, tmp_path):
     with open(state_path.parent / "history.csv", newline="", encoding="utf-8") as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
 
+    record = json.loads((state_path.parent / WARM_START).read_text())
+    assert record["sha256"] == member.sha256 and record["bundle"]["identity"] == shipped.identity
+    training = _member_training(member_run(parse(arguments), "inceptionv3"), tmp_path / "history.csv")
+    earlier = shipped.provenance["training"]["members"]["inceptionv3"]["stages"]
+    assert training["stages"][:-1] == earlier and len(training["stages"]) == len(earlier) + 1
+    assert training["stages"][-1]["warm_start_from"].startswith(shipped.identity)
+    with open(tmp_path / "history.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, training["epochs_run"] + 1))
+    assert rows[-1]["phase"].startswith(f"stage{len(earlier) + 1}:")
+
+
+
+def test_a_replacing_export_puts_the_previous_versions_figures_beside_its_own(pipeline):
+    """What export records of the bundle it replaces in place, and the card's old-and-new table."""
+    from training.cli import main
+    from training.export import previous_bundle
+    from training.modelcard import render
+
+    out, work = pipeline["out"], pipeline["work"]
+    assert main(["evaluate", *_common(pipeline["data"], work), "--bundle", str(out)]) == 0
+    bundle = load_bundle(out)
+    previous = previous_bundle(out, work)
+    assert previous["identity"] == bundle.identity
+    ensemble = bundle.provenance["metrics"]["ensemble"]
+    assert previous["metrics"]["ensemble"]["balanced_accuracy"] == ensemble["balanced_accuracy"]
+    evaluated = json.loads((work / "evaluation" / f"bundle_{bundle.name}_{bundle.version}" / "metrics.json").read_text())
+    drop = evaluated["shift"]["models"]["ensemble"]["device_shift"]["balanced_accuracy"]["drop"]
+    assert previous["shift"]["ensemble"]["drop"] == drop
+    assert previous_bundle(work, work) is None  # no bundle there: a first export compares with nothing
+
+    manifest = json.loads((out / "bundle.json").read_text())
+    manifest["version"] = "next"
+    manifest["provenance"]["previous"] = previous
+    card = render(manifest)
+    assert f"This version replaced {bundle.identity}" in card and "same `split.csv`" in card
+    assert f"| ensemble | balanced accuracy | {ensemble['balanced_accuracy']:.3f} |" in card
+    assert f"| ensemble | drop on the device-shifted copy | {drop:.3f} |" in card

@@ -109,3 +109,45 @@ def copy_files(files: list[Path], folder: Path) -> list[str]:
     for file in files:
         shutil.copy2(file, folder / file.name)
     return [f.name for f in files]
+
+
+PREVIOUS_FIGURES = ("accuracy", "balanced_accuracy", "macro_f1", "melanoma_sensitivity_at_90_specificity",
+                    "expected_calibration_error")
+
+
+def previous_bundle(out: Path, work: Path) -> dict | None:
+    """The figures of the bundle an export is about to replace in ``out``, for the card's old-and-new table.
+
+    Its recorded test figures come from its manifest; its per-source and device-shift figures from
+    ``evaluate --bundle`` run on it in this work folder (absent: not compared). None when ``out`` holds no
+    bundle with recorded test figures (a first export, or a hand-made bundle).
+    """
+    import json  # noqa: PLC0415
+
+    from dermscore.bundle import MANIFEST, read_bundle  # noqa: PLC0415
+
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    provenance = manifest.get("provenance", {})
+    if "metrics" not in provenance:
+        return None
+    bundle = read_bundle(out)
+    previous = {
+        "name": bundle.name,
+        "version": bundle.version,
+        "identity": bundle.identity,
+        "split_sha256": provenance.get("split", {}).get("sha256"),
+        "metrics": {name: {k: result[k] for k in PREVIOUS_FIGURES} for name, result in provenance["metrics"].items()},
+    }
+    evaluated = work / "evaluation" / f"bundle_{bundle.name}_{bundle.version}" / "metrics.json"
+    if evaluated.is_file():
+        previous["shift"] = {
+            name: {
+                "shifted_balanced_accuracy": model["device_shift"]["balanced_accuracy"]["shifted"],
+                "drop": model["device_shift"]["balanced_accuracy"]["drop"],
+                "mel_vs_nv_auc": {source: figures["mel_vs_nv_auc"] for source, figures in model["per_source"].items()},
+            }
+            for name, model in json.loads(evaluated.read_text(encoding="utf-8"))["shift"]["models"].items()
+        }
+    return previous

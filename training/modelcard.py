@@ -106,6 +106,48 @@ def shift_section(shift: dict, held_out: dict | None = None) -> list[str]:
     return lines
 
 
+FIGURE_NAMES = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "macro_f1": "macro F1",
+    "melanoma_sensitivity_at_90_specificity": "mel sens. @90% spec.",
+    "expected_calibration_error": "ECE (uncalibrated)",
+}
+
+
+def previous_section(manifest: dict) -> list[str]:
+    """Old and new figures side by side: the bundle this version replaced (``training.export.previous_bundle``)."""
+    prov = manifest["provenance"]
+    previous = prov["previous"]
+    same = previous["split_sha256"] == prov["split"]["sha256"]
+    lines = [
+        f"This version replaced {previous['identity']}. "
+        + ("Both are measured on the same lesion-level test images (same `split.csv`)." if same else
+           "**Their test images differ** (another `split.csv`): the figures are not comparable."),
+        "",
+        f"| model | figure | {previous['version']} | {manifest['version']} |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, old in previous["metrics"].items():
+        new = prov["metrics"].get(name)
+        if new is None:
+            continue
+        for key, label in FIGURE_NAMES.items():
+            lines.append(f"| {name} | {label} | {_fmt(old[key])} | {_fmt(new[key])} |")
+        old_shift = previous.get("shift", {}).get(name)
+        new_shift = prov.get("shift", {}).get("models", {}).get(name)
+        if old_shift and new_shift:
+            ba = new_shift["device_shift"]["balanced_accuracy"]
+            lines.append(f"| {name} | balanced accuracy, device-shifted copy | {_fmt(old_shift['shifted_balanced_accuracy'])} "
+                         f"| {_fmt(ba['shifted'])} |")
+            lines.append(f"| {name} | drop on the device-shifted copy | {_fmt(old_shift['drop'])} | {_fmt(ba['drop'])} |")
+            for source, auc in old_shift["mel_vs_nv_auc"].items():
+                if source in new_shift["per_source"]:
+                    lines.append(f"| {name} | mel-vs-nv AUC within {source} | {_na(auc)} | "
+                                 f"{_na(new_shift['per_source'][source]['mel_vs_nv_auc'])} |")
+    return lines
+
+
 def render(manifest: dict) -> str:
     """The card: what the bundle is, how it was made, how good it is on the held-out lesions, its limits."""
     prov = manifest["provenance"]
@@ -168,6 +210,7 @@ def render(manifest: dict) -> str:
             if "shift" in prov
             else []
         ),
+        *(["## Compared with the previous version", "", *previous_section(manifest), ""] if "previous" in prov else []),
         "## Ensemble",
         "",
         f"Weights fitted on the validation split by balanced accuracy over a 0.05 grid: "
@@ -201,7 +244,7 @@ def render(manifest: dict) -> str:
                 f"  {number}. `{stage['command']}`: {stage['epochs_run']} epochs of {stage['steps_per_epoch']} "
                 f"steps x {stage['batch_size']} images, input {hp['input_size'][0]}x{hp['input_size'][1]}, "
                 f"peak learning rate {hp['learning_rate']}, sampling power {hp['sampling_power']}, label smoothing "
-                f"{hp['label_smoothing']}, init {hp['init']}{', warm start ' + hp['warm_start'] if hp.get('warm_start') else ''}; "
+                f"{hp['label_smoothing']}, init {hp['init']}{', warm start from ' + stage.get('warm_start_from', hp['warm_start']) if hp.get('warm_start') else ''}; "
                 f"best validation balanced accuracy {stage['best_val_balanced_accuracy']:.3f} at epoch {stage['best_epoch']}; "
                 f"trained on {' / '.join(stage['machines']) or 'a machine that was not recorded'}."
             )

@@ -180,6 +180,34 @@ def record_machine(path: Path) -> None:
     path.write_text(json.dumps(sessions, indent=1))
 
 
+WARM_START = "warm_start.json"
+
+
+def record_warm_start(folder: Path, warm_start: Path) -> None:
+    """What a run continues from, as it was when the run started: the file's hash and, when it is a member of a
+    shipped bundle, that bundle's identity and the member's recorded training and per-epoch history.
+
+    The record is what lets the new bundle's card list every stage a member went through, even after the bundle it
+    started from has been replaced in place (``export`` into the same folder).
+    """
+    from dermscore.bundle import MANIFEST, read_bundle, sha256_file  # noqa: PLC0415
+
+    record: dict = {"file": str(warm_start), "sha256": sha256_file(warm_start)}
+    manifest_path = warm_start.parent / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        entry = next((m for m in manifest.get("members", []) if m.get("file") == warm_start.name), None)
+        training = manifest.get("provenance", {}).get("training", {}).get("members", {})
+        if entry is not None and entry.get("sha256") == record["sha256"] and entry["name"] in training:
+            history = warm_start.parent / "figures" / f"history_{entry['name']}.csv"
+            with open(history, newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+            record["bundle"] = {"name": manifest["name"], "version": manifest["version"],
+                                "identity": read_bundle(warm_start.parent).identity, "member": entry["name"],
+                                "training": training[entry["name"]], "history": rows}
+    (folder / WARM_START).write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
 def run_train(args: argparse.Namespace) -> dict:
     results = {}
     for member in args.members:
@@ -188,6 +216,8 @@ def run_train(args: argparse.Namespace) -> dict:
         if not command.is_file():  # the command that started the run; a resume does not overwrite it
             run.folder.mkdir(parents=True, exist_ok=True)
             command.write_text(args.command + "\n")
+            if run.config.warm_start:
+                record_warm_start(run.folder, Path(run.config.warm_start))
         record_machine(run.folder / "machine.json")
         state = run.fit(_deadline(args.stop_at))
         results[member] = {
@@ -431,7 +461,8 @@ def _stage(folder: Path, train_images: int) -> tuple[dict, list[dict]]:
 
 
 def _member_training(run: MemberRun, history_path: Path) -> dict:
-    """How a member was trained: its run plus, for a warm start, the runs it continued (earliest first).
+    """How a member was trained: its run plus, for a warm start, the runs it continued (earliest first): work
+    folders followed through their ``best.keras``, a shipped bundle's member through the run's ``warm_start.json``.
 
     Writes the combined per-epoch history (epochs numbered across stages, ``phase`` naming the stage).
     """
@@ -441,6 +472,15 @@ def _member_training(run: MemberRun, history_path: Path) -> dict:
         stages.insert(0, summary)
         histories.insert(0, rows)
         warm = summary["hyperparameters"].get("warm_start")
+        record = json.loads((folder / WARM_START).read_text()) if (folder / WARM_START).is_file() else {}
+        if "bundle" in record:  # continued a shipped member: its recorded stages, one history per stage
+            shipped = record["bundle"]
+            summary["warm_start_from"] = f"{shipped['identity']} member {shipped['member']} (sha256 {record['sha256']})"
+            earlier = shipped["training"]["stages"]
+            stages[:0] = earlier
+            histories[:0] = [[{**r, "phase": r["phase"].split(":", 1)[1]} for r in shipped["history"]
+                              if r["phase"].startswith(f"stage{n}:")] for n in range(1, len(earlier) + 1)]
+            break
         folder = Path(warm).parent if warm and (Path(warm).parent / "history.csv").is_file() else None
     with open(history_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
@@ -484,6 +524,7 @@ def run_export(args: argparse.Namespace) -> dict:
     y_test = data.labels_of(records)[sides["test"]]
     choice = _ensemble_choice(args)
     out = Path(args.out or models_dir() / DEFAULT_BUNDLE)
+    previous = export.previous_bundle(out, args.work)  # read before the new bundle replaces it
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "figures").mkdir(parents=True)
@@ -589,6 +630,7 @@ def run_export(args: argparse.Namespace) -> dict:
             ],
             "stronger_bundle": STRONGER_BUNDLE,
             **_shift_provenance(args, choice),
+            **({"previous": previous} if previous else {}),
         },
     }
     write_manifest(staging, manifest)
