@@ -9,6 +9,7 @@ and Keras casts them back into the float32 variables on load, so scoring code do
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import zipfile
 from pathlib import Path
@@ -122,17 +123,14 @@ def previous_bundle(out: Path, work: Path) -> dict | None:
     ``evaluate --bundle`` run on it in this work folder (absent: not compared). None when ``out`` holds no
     bundle with recorded test figures (a first export, or a hand-made bundle).
     """
-    import json  # noqa: PLC0415
-
     from dermscore.bundle import MANIFEST, read_bundle  # noqa: PLC0415
 
     if not (out / MANIFEST).is_file():
         return None
-    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    provenance = manifest.get("provenance", {})
+    bundle = read_bundle(out)
+    provenance = bundle.provenance
     if "metrics" not in provenance:
         return None
-    bundle = read_bundle(out)
     previous = {
         "name": bundle.name,
         "version": bundle.version,

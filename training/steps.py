@@ -193,18 +193,16 @@ def record_warm_start(folder: Path, warm_start: Path) -> None:
     from dermscore.bundle import MANIFEST, read_bundle, sha256_file  # noqa: PLC0415
 
     record: dict = {"file": str(warm_start), "sha256": sha256_file(warm_start)}
-    manifest_path = warm_start.parent / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        entry = next((m for m in manifest.get("members", []) if m.get("file") == warm_start.name), None)
-        training = manifest.get("provenance", {}).get("training", {}).get("members", {})
-        if entry is not None and entry.get("sha256") == record["sha256"] and entry["name"] in training:
-            history = warm_start.parent / "figures" / f"history_{entry['name']}.csv"
+    if (warm_start.parent / MANIFEST).is_file():
+        bundle = read_bundle(warm_start.parent)
+        member = next((m for m in bundle.members if m.file == warm_start.name), None)
+        training = bundle.provenance.get("training", {}).get("members", {})
+        if member is not None and member.sha256 == record["sha256"] and member.name in training:
+            history = warm_start.parent / "figures" / f"history_{member.name}.csv"
             with open(history, newline="", encoding="utf-8") as handle:
                 rows = list(csv.DictReader(handle))
-            record["bundle"] = {"name": manifest["name"], "version": manifest["version"],
-                                "identity": read_bundle(warm_start.parent).identity, "member": entry["name"],
-                                "training": training[entry["name"]], "history": rows}
+            record["bundle"] = {"name": bundle.name, "version": bundle.version, "identity": bundle.identity,
+                                "member": member.name, "training": training[member.name], "history": rows}
     (folder / WARM_START).write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
