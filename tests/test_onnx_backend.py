@@ -115,6 +115,29 @@ def test_an_export_that_differs_from_keras_is_refused_or_replaced_by_keras(
     assert predictor.backend == "keras"
 
 
+def test_members_with_their_features_export_and_match_keras(small_bundle: Path, fresh_onnx_cache: Path) -> None:
+    """The two-output graph of members without flip TTA (``ood.views`` "none", what ``python -m training export``
+    writes by default and fits its OOD detector from): probabilities and penultimate features through tf2onnx,
+    cached under their own key, equal to Keras. (tests/test_training_pipeline.py scores with Keras: this is the
+    ONNX side of its bundles.)"""
+    from dermscore.infer import features_key
+    from dermscore.onnx_backend import outputs_of
+
+    bundle = load_bundle(small_bundle)
+    onnx = Predictor(bundle, 3, Runtime(backend="onnx"), feature_views="none")
+    assert onnx.backend == "onnx"
+    assert {m.path.name for m in onnx.models.values()} == {
+        f"{cache_key(m, outputs_of('none'))}.onnx" for m in bundle.members}
+    assert all(m.path.parent == fresh_onnx_cache for m in onnx.models.values())
+    keras = Predictor(bundle, 3, Runtime(backend="keras"), feature_views="none")
+    batch = stack_inputs([prepare(rgb, bundle.members) for rgb in onnx_backend.probe_images()[:3]], bundle.members)
+    got, expected = onnx(batch), keras(batch)
+    assert set(got) == set(expected) == {key for m in bundle.members for key in (m.name, features_key(m.name))}
+    for name in expected:
+        assert got[name].shape == expected[name].shape
+        assert np.abs(got[name] - expected[name]).max() <= TOLERANCE * max(1.0, np.abs(expected[name]).max())
+
+
 def test_onnx_is_chosen_only_where_it_was_measured_and_refused_clearly_elsewhere() -> None:
     assert resolve_backend(Runtime(), "cpu") == "onnx"
     assert resolve_backend(Runtime(), "gpu") == "keras"

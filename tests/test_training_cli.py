@@ -32,12 +32,14 @@ def test_parse_gives_the_settings_the_steps_read() -> None:
     assert args.command == "python -m training train --member densenet201 --input-size 96x128 --no-dihedral " \
                            "--time-budget 7 --preset shift-cpu"
     assert cli.parse(["all"]).members == cli.MEMBERS
+    assert cli.parse(["calibrate"]).backend == "auto" and cli.parse(["calibrate", "--backend", "keras"]).backend == "keras"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--member", "resnet"], "'resnet' is not one of inceptionv3, densenet201"),
     (["train", "--preset", "fast"], "'fast' is not one of cpu"),
     (["train", "--input-size", "150"], "expected HEIGHTxWIDTH"),
+    (["calibrate", "--backend", "tflite"], "'tflite' is not one of auto, keras, onnx"),
     (["fit"], "No such command"),
 ])
 def test_bad_options_exit_2_with_the_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:

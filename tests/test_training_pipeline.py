@@ -57,9 +57,17 @@ def _subset(folder: Path) -> Path:
 
 def _common(data: Path, work: Path) -> list[str]:
     return [
-        *("--data", str(data), "--work", str(work), "--batch-size", "8", "--steps-per-epoch", "2", "--patience", "5"),
+        *("--data", str(data), "--work", str(work), "--batch-size", "8", "--patience", "5"),
+        # One step an epoch: an eager step of these members takes 5-10 s on 2 cores, and nothing checked here depends
+        # on the count (epochs of several steps run in test_gpu_run.py's dry run of the same `train`).
+        *("--steps-per-epoch", "1"),
         "--eager",  # a few steps: compiling the training graphs would take longer than running them
         *("--ood-crops", "1"),  # export's calibrate: the non-dermoscopic set without crops is enough here
+        # export's calibrate and evaluate --bundle score through dermscore's Keras backend: "auto" would export both
+        # members to ONNX first (80 s of the export step on the 2-core EPYC, 2026-11-27). That export and its check
+        # against Keras are tested in test_onnx_backend.py (these bundles' two-output graphs, on small members) and
+        # test_cli_run.py (the real architectures at full size); the scores agree within 1e-4 either way.
+        *("--backend", "keras"),
     ]
 
 
@@ -167,6 +175,7 @@ def test_exported_bundle_loads_and_scores_like_training(pipeline):
         assert (bundle.path / "figures" / name).is_file()
     # export ends with calibrate: a new bundle gets calibration, OOD detector and operating points too
     assert bundle.calibration is not None and bundle.ood is not None and bundle.ood.views == "none"
+    assert bundle.provenance["fitted_from_bundle"]["scored_with"].endswith(", keras backend")  # --backend reached it
     assert bundle.operating_points.malignant is not None and "## Out-of-distribution" in card
 
     # Scoring's way: load without compiling, prepare with dermscore.preprocess, get probabilities.

@@ -25,7 +25,7 @@ from dermscore.discover import file_source
 from dermscore.infer import Predictor, bounded_map, decode_and_prepare
 from dermscore.preprocess import stack_inputs
 from dermscore.records import Failure
-from dermscore.runtime import decode_workers
+from dermscore.runtime import Runtime, decode_workers
 from training.data import image_folders
 
 CHUNK = 256
@@ -98,15 +98,25 @@ def _score_chunk(predictor: Predictor, paths: list[Path]) -> dict[str, np.ndarra
 
 
 class Scorer:
-    """One bundle's members (loaded on first need, once) scoring named image lists into one cache folder."""
+    """One bundle's members (loaded on first need, once) scoring named image lists into one cache folder.
 
-    def __init__(self, bundle: Bundle, views: str, work: Path, log: Callable[[str], None] = print) -> None:
-        self.bundle, self.views, self.log = bundle, views, log
+    ``backend`` is dermscore's (``auto``, ``keras``, ``onnx``; ``--backend`` of ``python -m training``). ``auto``
+    scores as a CPU run of dermscore does: with ONNX Runtime, after exporting each member the bundle does not ship
+    as ONNX (30-50 s per full-size member on 2 cores, about 80 s for the pipeline test's two small real ones).
+    ``keras`` skips that export where it costs more than it saves: a small split, a bundle scored once, a machine
+    where the export is not wanted. The cache stays keyed by weights and views: the two backends agree within
+    1e-4, the check every ONNX export passes.
+    """
+
+    def __init__(
+        self, bundle: Bundle, views: str, work: Path, log: Callable[[str], None] = print, backend: str = "auto"
+    ) -> None:
+        self.bundle, self.views, self.log, self.backend = bundle, views, log, backend
         self.folder = cache_folder(bundle, views, work)
 
     @functools.cached_property
     def predictor(self) -> Predictor:
-        return Predictor(self.bundle, feature_views=self.views)
+        return Predictor(self.bundle, feature_views=self.views, runtime=Runtime(backend=self.backend))
 
     def __call__(self, name: str, paths: Sequence[Path]) -> dict[str, np.ndarray]:
         return score_images(lambda: self.predictor, paths, self.folder / name, self.log)

@@ -34,6 +34,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from dermscore.runtime import BACKENDS
+
 PROG = "python -m training"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ham10000-200x150"
@@ -87,6 +89,7 @@ def _options(
     bundle: Annotated[Optional[Path], typer.Option(help="calibrate and onnx: the bundle to fit or complete (default: --out, else the default bundle); evaluate: score this bundle on its own split.csv test images through dermscore (plain and device-shifted) instead of the work folder's members.")] = None,
     train_limit: Annotated[int, typer.Option(help="calibrate: training images scored for the OOD statistics (a seeded random subset; 0 = all).")] = 2000,
     ood_crops: Annotated[int, typer.Option(help="calibrate: random crops per non-dermoscopic image.")] = 12,
+    backend: Annotated[str, typer.Option(help="calibrate and evaluate --bundle: dermscore's backend for scoring the split images, as `dermscore run --backend`: auto (ONNX Runtime on a CPU, each member exported to ONNX first unless the bundle ships it), keras (no export: the backend a GPU run uses) or onnx. The outputs are cached per bundle weights, whichever backend wrote them.")] = "auto",
     member: Annotated[Optional[list[str]], typer.Option(help="Member: inceptionv3 or densenet201 (repeat for both; default both).")] = None,
     preset: Annotated[str, typer.Option(help="cpu: from scratch, low resolution (the shipped DenseNet201); scratch-gpu: from scratch at 150x200 (the shipped InceptionV3); shift-gpu / shift-cpu: the device-robust recipe (colour constancy, 8 rotations/flips, crops, white balance / gamma / blur, EMA) at 150x200 / the CPU sizes with DenseNet201 at 96x128; gpu: ImageNet initialisation at 299/224.")] = "cpu",
     input_size: Annotated[Optional[str], typer.Option(metavar="HxW", help="Input HEIGHTxWIDTH, e.g. 75x100.")] = None,
@@ -131,7 +134,8 @@ def _options(
 def _namespace(step: str, params: dict[str, Any], command: str) -> argparse.Namespace:
     """The settings as the steps read them (``args.data``, ``args.members``, ...)."""
     args = argparse.Namespace(step=step, command=command, **params)
-    for option, values, allowed in (("--member", args.member or (), MEMBERS), ("--preset", (args.preset,), PRESETS)):
+    for option, values, allowed in (("--member", args.member or (), MEMBERS), ("--preset", (args.preset,), PRESETS),
+                                    ("--backend", (args.backend,), BACKENDS)):
         for value in values:
             if value not in allowed:
                 raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}.", param_hint=option)

@@ -167,11 +167,12 @@ def write_predictions(path: Path, ids: np.ndarray, labels: np.ndarray, balanced:
 
 def fit_bundle(
     bundle_path: Path, data: Path, work: Path, version: str | None, train_limit: int | None,
-    ood_crops: int = ood_set.VARIANTS, log: Callable[[str], None] = print,
+    ood_crops: int = ood_set.VARIANTS, log: Callable[[str], None] = print, backend: str = "auto",
 ) -> dict:
-    """Fit everything from ``bundle_path`` and rewrite it in place as ``version`` (the weight files untouched)."""
+    """Fit everything from ``bundle_path`` and rewrite it in place as ``version`` (the weight files untouched);
+    the split is scored on dermscore's ``backend`` (``bundle_scores.Scorer``)."""
     bundle = load_bundle(bundle_path)
-    scorer = bundle_scores.Scorer(bundle, feature_views(bundle), work, log)
+    scorer = bundle_scores.Scorer(bundle, feature_views(bundle), work, log, backend)
     scores = bundle_scores.score_splits(scorer, data, train_limit)
     ood_folder = work / f"ood-set-{ood_crops}"
     ood_rows = ood_set.build(ood_folder, ood_crops)

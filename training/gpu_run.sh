@@ -54,15 +54,22 @@ fi
 . "$(dirname "$0")/gpu_env.sh"
 gpu_setup || exit 1
 COMMON="--data $D --work $W --preset $PRESET"
-python3 -m training index $COMMON >/dev/null && python3 -m training split $COMMON || exit 1
-sha256sum "$W"/split.csv
-# One shared image cache at the training size, built before the trainers start.
+# Index, split, then one shared image cache at the training size, built before the trainers start; in one process,
+# as each python3 that imports Keras costs seconds of the budget.
 python3 -c "
+import contextlib, os
 from training import cli, steps
-a = cli.parse(['train'] + '$COMMON $EXTRA'.split())
+common = '$COMMON'.split()
+with open(os.devnull, 'w') as quiet, contextlib.redirect_stdout(quiet):
+    code = cli.main(['index', *common])
+code = code or cli.main(['split', *common])
+if code:
+    raise SystemExit(code)
+a = cli.parse(['train', *common, *'$EXTRA'.split()])
 a.metadata = a.data / 'HAM10000_metadata.csv'
 steps.member_run(a, 'inceptionv3')
 " || exit 1
+sha256sum "$W"/split.csv
 DEADLINE=$(( T0 + ${STOP%.*} * 60 + 60 * ${STOP#*.} / 10 ))
 STOP_AT=$(date -u -d "@$DEADLINE" +%H:%M:%S)
 echo "setup $(( $(date +%s) - T0 )) s; stop-at $STOP_AT UTC"
@@ -93,13 +100,23 @@ echo "training done $(( $(date +%s) - T0 )) s"
 
 # float16 copies of each best.keras in parts; group 1: DenseNet201 + meta, 2: InceptionV3, 3: the held-out run.
 rm -rf "$W/ship" && mkdir -p "$W/ship/group1" "$W/ship/group2" "$W/ship/group3"
+MEMBERS="densenet201 inceptionv3 ${HELDOUT:+$HELDOUT_MEMBER-without-$HELDOUT}"
+trained=""
+for m in $MEMBERS; do
+  if [ -f "$W/members/$m/best.keras" ]; then
+    cp "$W/members/$m/best.keras" "$W/$m.keras" || exit 1
+    trained="$trained $W/$m.keras"
+  fi
+done
+# All in one process (each python3 that imports Keras costs seconds).
+[ -z "$trained" ] || python3 -c "
+import sys; from pathlib import Path; from training.export import store_float16
+for file in sys.argv[1:]: store_float16(Path(file))" $trained || exit 1
 group=1
-for m in densenet201 inceptionv3 ${HELDOUT:+$HELDOUT_MEMBER-without-$HELDOUT}; do
+for m in $MEMBERS; do
   grep -h "time budget\|deadline\|Error\|error" "$W/train-$m.log" | tail -5
   tail -n2 "$W/members/$m/history.csv" 2>/dev/null
   if [ -f "$W/members/$m/best.keras" ]; then
-    cp "$W/members/$m/best.keras" "$W/$m.keras" && python3 -c "
-from pathlib import Path; from training.export import store_float16; store_float16(Path('$W/$m.keras'))" || exit 1
     (cd "$W" && sha256sum "$m.keras" >> "$W/ship/group1/SHA256SUMS")
     (cd "$W/ship/group$group" && split -b "$PART_SIZE" -a 3 -d "$W/$m.keras" "$m.keras.part")
   else

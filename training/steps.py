@@ -377,7 +377,7 @@ def evaluate_bundle(args: argparse.Namespace) -> dict:
     ids = [r["image_id"] for r in rows]
     y = np.array([bundle.classes.index(r["dx"]) for r in rows], dtype=np.int64)
     files = dict(zip(ids, bundle_scores.image_paths(args.data, ids)))
-    scorer = bundle_scores.Scorer(bundle, feature_views(bundle), args.work)
+    scorer = bundle_scores.Scorer(bundle, feature_views(bundle), args.work, backend=args.backend)
 
     def probabilities(name: str, paths: list[Path]) -> dict[str, np.ndarray]:
         scores = scorer(name, paths)
@@ -649,4 +649,5 @@ def run_calibrate(args: argparse.Namespace) -> dict:
     from training.fit_bundle import fit_bundle  # noqa: PLC0415
 
     bundle = Path(args.bundle or args.out or models_dir() / DEFAULT_BUNDLE)
-    return fit_bundle(bundle, args.data, args.work, args.version, args.train_limit or None, args.ood_crops)
+    return fit_bundle(bundle, args.data, args.work, args.version, args.train_limit or None, args.ood_crops,
+                      backend=args.backend)
