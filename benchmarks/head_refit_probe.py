@@ -35,7 +35,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from dermscore.bundle import Bundle, Member, load_bundle
-from dermscore.features import classifier_of
+from dermscore.features import classifier_of, flip_views
 from dermscore.preprocess import correct_colour, normalize
 from training import data, metrics, shift, split
 from training.ensemble import combine, fit_weights
@@ -44,13 +44,6 @@ TRAIN_SHIFT_SEED = 11
 C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
 VARIANTS = tuple(itertools.product(("plain", "plain+shift"), ("class", "group")))
 SOURCES_SHOWN = ("rosendahl", "vidir_modern", "vidir_molemax")
-
-
-def view_stack(x: np.ndarray, views: str) -> list[np.ndarray]:
-    """The views a member averages over: the image, or its four flips (as ``dermscore.features.flip_views``)."""
-    if views == "none":
-        return [x]
-    return [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
 
 
 def member_features(bundle: Bundle, member: Member, images: dict[str, np.ndarray], cache: Path) -> dict[str, np.ndarray]:
@@ -71,7 +64,7 @@ def member_features(bundle: Bundle, member: Member, images: dict[str, np.ndarray
         batches = []
         for start in range(0, len(array), 64):
             x = normalize(correct_colour(np.asarray(array[start:start + 64]), bundle.colour_constancy), member.preprocessing)
-            stack = view_stack(x, "none" if name.startswith("train") else views)
+            stack = [x] if name.startswith("train") or views == "none" else flip_views(x)
             batches.append(np.stack([extractor.predict_on_batch(np.ascontiguousarray(v)) for v in stack], 1))
         out[name] = np.concatenate(batches).astype(np.float32)
         print(json.dumps({"member": member.name, "features": name, "images": len(array)}), flush=True)

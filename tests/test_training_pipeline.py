@@ -247,7 +247,6 @@ def test_killed_run_resumes_from_its_last_checkpoint(pipeline, tmp_path):
     assert rows[-1]["phase"].startswith(f"stage{len(earlier) + 1}:")
 
 
-
 def test_a_replacing_export_puts_the_previous_versions_figures_beside_its_own(pipeline):
     """What export records of the bundle it replaces in place, and the card's old-and-new table."""
     from training.cli import main

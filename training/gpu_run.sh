@@ -66,7 +66,6 @@ code = code or cli.main(['split', *common])
 if code:
     raise SystemExit(code)
 a = cli.parse(['train', *common, *'$EXTRA'.split()])
-a.metadata = a.data / 'HAM10000_metadata.csv'
 steps.member_run(a, 'inceptionv3')
 " || exit 1
 sha256sum "$W"/split.csv
